@@ -1,0 +1,82 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""Offline test helpers: a tiny random Qwen2 with a locally trained BPE tokenizer that real vLLM (CPU) can serve.
+
+No network: the tokenizer is trained in-process with `tokenizers` on a small built-in corpus.
+"""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? #### 72",
+    "<think> 48 / 2 = 24 and 48 + 24 = 72 </think> <answer> 72 </answer>",
+    "Solve the following math problem step by step. The reasoning process and direct answer are enclosed within",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. #### 10",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 100 1,000 3.5 -4 + - * / = ( ) , . ? ! : ; $ %",
+    "the a an of to in and is was for on with as by at from that this it be are were",
+] * 4
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer trained locally, with a ChatML chat template and `<|im_end|>` as EOS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_qwen2(path: str | None = None, *, num_hidden_layers: int = 2, seed: int = 0, dtype=torch.float32):
+    """Build (and optionally save to `path`) a tiny random Qwen2ForCausalLM and its tokenizer.
+
+    hidden 64 and head_dim 32 (2 heads, 1 KV head) are the smallest sizes vLLM's CPU attention accepts.
+    Returns `(model, tokenizer)`.
+    """
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(dtype)
+    # Random, non-unit norm weights so that norm edits (AQN) visibly change the output.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if path is not None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        model.name_or_path = path
+        model.config.name_or_path = path
+    return model, tokenizer

@@ -5,7 +5,17 @@ import importlib
 import sys
 
 
-REQUIRED = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "compressed_tensors", "bitsandbytes"]
+REQUIRED = [
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "vllm",
+    "compressed_tensors",
+    "bitsandbytes",
+]
 
 
 def main() -> int:

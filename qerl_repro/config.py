@@ -1,0 +1,123 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""`QeRLConfig`: TRL's `GRPOConfig` plus the quantization and Adaptive Quantization Noise (AQN) fields of QeRL."""
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+QUANT_FORMATS = ("none", "nvfp4", "mxfp4", "nf4")
+AQN_SCHEDULES = ("qerl_code", "paper")
+
+
+@dataclass
+class QeRLConfig(GRPOConfig):
+    r"""
+    Configuration class for [`QeRLTrainer`]: every [`~trl.GRPOConfig`] parameter, plus the fields below. Only the new
+    parameters are documented here; see [QeRL](https://huggingface.co/papers/2510.11696) §3.2-3.3.
+
+    New Parameters:
+
+        > Parameters that control quantization
+
+        quant_format (`str`, *optional*, defaults to `"none"`):
+            Format of the frozen base model: `"none"` (the model as loaded), `"nvfp4"` (blocks of 16, E4M3 block scale
+            and FP32 per-tensor scale), `"mxfp4"` (blocks of 32, E8M0 block scale) or `"nf4"` (bitsandbytes QLoRA). The
+            trainer quantizes a high-precision model itself; the weights are stored packed in 4 bits and dequantized
+            per forward. `lm_head`, embeddings and norms stay in high precision.
+        mxfp4_scale_mode (`str`, *optional*, defaults to `"even"`):
+            How MXFP4 picks its E8M0 block scale: `"even"` (compressed-tensors / vLLM checkpoints), `"floor"` (OCP spec)
+            or `"rceil"`.
+
+        > Parameters that control adaptive quantization noise (AQN)
+
+        aqn (`bool`, *optional*, defaults to `False`):
+            Whether to add Gaussian noise to the rollout engine's RMSNorm weights after every weight sync (QeRL §3.3).
+            Only allowed on a quantized base unless `aqn_allow_unquantized=True`.
+        aqn_sigma_start (`float`, *optional*, defaults to `1e-2`):
+            Noise standard deviation of the first noisy stage (paper Table 4).
+        aqn_sigma_end (`float`, *optional*, defaults to `5e-4`):
+            Noise standard deviation of the last stage (paper Table 4).
+        aqn_num_stages (`int`, *optional*, defaults to `10`):
+            Number of stages K over the total optimizer steps; stage 0 adds no noise.
+        aqn_schedule (`str`, *optional*, defaults to `"qerl_code"`):
+            `"qerl_code"`: the decay of QeRL's released code (exponent denominator K-2, reaches `aqn_sigma_end`);
+            `"paper"`: Eq. 8 of the paper (denominator K-1).
+        aqn_seed (`int` or `None`, *optional*, defaults to `None`):
+            Seed of the private noise generator (noise is drawn from `(aqn_seed, step)`); `None` uses `seed`.
+        aqn_include_final_norm (`bool`, *optional*, defaults to `False`):
+            Also perturb the final norm before `lm_head` (QeRL's class filter would have included it).
+        aqn_include_qk_norm (`bool`, *optional*, defaults to `False`):
+            Also perturb Qwen3-style per-head `q_norm` / `k_norm`.
+        aqn_allow_unquantized (`bool`, *optional*, defaults to `False`):
+            Allow AQN on a high-precision base (the BF16 + AQN ablation requested in QeRL issue #11).
+        vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            Overrides TRL's default (`True`): QeRL trained without a vLLM importance-sampling correction, which would
+            partly undo the effect of the rollout noise on the gradient.
+    """
+
+    # Parameters that control quantization
+    quant_format: str = field(
+        default="none",
+        metadata={
+            "help": "Format of the frozen base model.",
+            "choices": list(QUANT_FORMATS),
+        },
+    )
+    mxfp4_scale_mode: str = field(
+        default="even",
+        metadata={"help": "How MXFP4 picks its E8M0 block scale.", "choices": ["even", "floor", "rceil"]},
+    )
+
+    # Parameters that control adaptive quantization noise (AQN)
+    aqn: bool = field(
+        default=False,
+        metadata={"help": "Whether to add Gaussian noise to the rollout engine's RMSNorm weights after every sync."},
+    )
+    aqn_sigma_start: float = field(
+        default=1e-2, metadata={"help": "Noise standard deviation of the first noisy stage."}
+    )
+    aqn_sigma_end: float = field(default=5e-4, metadata={"help": "Noise standard deviation of the last stage."})
+    aqn_num_stages: int = field(default=10, metadata={"help": "Number of stages K; stage 0 adds no noise."})
+    aqn_schedule: str = field(
+        default="qerl_code",
+        metadata={"help": "Decay of QeRL's code (K-2) or of the paper's Eq. 8 (K-1).", "choices": list(AQN_SCHEDULES)},
+    )
+    aqn_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the private noise generator; `None` uses `seed`."}
+    )
+    aqn_include_final_norm: bool = field(default=False, metadata={"help": "Also perturb the final norm."})
+    aqn_include_qk_norm: bool = field(default=False, metadata={"help": "Also perturb Qwen3-style q_norm / k_norm."})
+    aqn_allow_unquantized: bool = field(
+        default=False, metadata={"help": "Allow AQN on a high-precision base (BF16 + AQN ablation)."}
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={"help": "Whether to apply TRL's vLLM importance-sampling correction (QeRL had none)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.quant_format not in QUANT_FORMATS:
+            raise ValueError(f"quant_format={self.quant_format!r} is not one of {list(QUANT_FORMATS)}.")
+        if self.mxfp4_scale_mode not in ("even", "floor", "rceil"):
+            raise ValueError(f"mxfp4_scale_mode={self.mxfp4_scale_mode!r} is not one of ['even', 'floor', 'rceil'].")
+        if self.aqn_schedule not in AQN_SCHEDULES:
+            raise ValueError(f"aqn_schedule={self.aqn_schedule!r} is not one of {list(AQN_SCHEDULES)}.")
+        for name in ("aqn_sigma_start", "aqn_sigma_end"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive float (a noise standard deviation).")
+        if self.aqn_num_stages < 3:
+            raise ValueError(
+                f"aqn_num_stages={self.aqn_num_stages} must be >= 3 (one noise-free stage and a decay over K-2 steps)."
+            )
+        if self.aqn and self.quant_format == "none" and not self.aqn_allow_unquantized:
+            raise ValueError(
+                "aqn=True with quant_format='none': QeRL adds noise only on a quantized base. Pick a quant_format "
+                "('nvfp4', 'mxfp4', 'nf4') or set aqn_allow_unquantized=True for the BF16 + AQN ablation."
+            )
+
+    @property
+    def aqn_noise_seed(self) -> int:
+        return self.seed if self.aqn_seed is None else self.aqn_seed

@@ -1,0 +1,418 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""FP4 number formats: the E2M1 element, NVFP4 and MXFP4 (pure torch, fp32 math, eager).
+
+QeRL (https://huggingface.co/papers/2510.11696, Sec. 3) freezes the base model in NVFP4 or MXFP4. Both formats store
+4-bit E2M1 elements in blocks along the last (reduction) dimension, with one scale per block:
+
+- **NVFP4**: blocks of 16, an FP8 E4M3 block scale and an FP32 per-tensor scale `amax / (448 * 6)` (two levels).
+- **MXFP4** (OCP Microscaling v1.0): blocks of 32 and a power-of-two E8M0 block scale (8-bit biased exponent).
+
+The numerics are those of torchao 0.18 (`NVFP4Tensor.to_nvfp4(x, per_tensor_scale=amax / 2688)` and
+`MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32, scaling_mode=...)`, quantize then `dequantize`), reproduced bit for bit
+for fp32 and bf16 inputs: same operations, same order, same fp32 rounding. The MXFP4 "even" mode is also bit-exact with
+compressed-tensors' MXFP4 fake quantization, i.e. with the `mxfp4-pack-quantized` checkpoints vLLM loads.
+
+Layouts follow the compressed-tensors / vLLM checkpoint format: E2M1 codes are `sign << 3 | index` and two codes share a
+byte, element `2i` in the low nibble. Unlike compressed-tensors, `per_tensor_scale` here is torchao's multiplier
+`amax / 2688`; compressed-tensors stores its reciprocal as `weight_global_scale`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+FP4_FORMATS = ("nvfp4", "mxfp4")
+BLOCK_SIZE = {"nvfp4": 16, "mxfp4": 32}
+MXFP4_SCALE_MODES = ("floor", "even", "rceil")
+# "even" rounds the block amax to one mantissa bit before taking its power of two. It is what compressed-tensors,
+# llm-compressor and vLLM (`mxfp4-pack-quantized`) compute, so it is what QeRL's MXFP4 checkpoints would hold; it also has
+# the lowest error of the three on Gaussian weights. "floor" is the OCP spec's minimal recipe and torchao's `to_mx`
+# default; "rceil" (2^ceil(log2(amax / 6))) is torchao's MX inference/QAT default and the Blackwell hardware conversion.
+DEFAULT_MXFP4_SCALE_MODE = "even"
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_MIN_NORMAL = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny: torchao's lower clamp of NVFP4 block scales
+NVFP4_PER_TENSOR_DIVISOR = E4M3_MAX * E2M1_MAX  # 2688
+E8M0_BIAS = 127
+E8M0_NAN = 255
+E2M1_EMAX = 2  # floor(log2(6)): exponent of the largest power of two representable in E2M1
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_F32_MANTISSA_BITS = 23
+_F32_MIN_NORMAL = 2.0**-126
+
+# Decision thresholds on |x| between consecutive E2M1 magnitudes. A tie goes to the even index (round half to even):
+# 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4. `torch.bucketize(right=False)` counts
+# thresholds strictly below |x|, so the thresholds whose tie rounds up are moved down by one fp32 ulp.
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_TIES_UP = (0.75, 1.75, 3.5)
+
+
+def _threshold_tensor(device: torch.device) -> torch.Tensor:
+    t = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=device)
+    up = torch.tensor([m in _E2M1_TIES_UP for m in _E2M1_MIDPOINTS], device=device)
+    return torch.where(up, torch.nextafter(t, torch.zeros_like(t)), t)
+
+
+def _e2m1_index(x32: torch.Tensor) -> torch.Tensor:
+    """Magnitude index 0..7 (int64) of fp32 `x32` after RNE rounding and saturation at 6."""
+    return torch.bucketize(x32.abs(), _threshold_tensor(x32.device), right=False)
+
+
+def _e2m1_lut(device: torch.device) -> torch.Tensor:
+    """The 16 code values (codes 8..15 are the negatives, 8 is -0.0)."""
+    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    return torch.cat([mags, -mags])
+
+
+def _e2m1_round_f32(x32: torch.Tensor) -> torch.Tensor:
+    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x32.device)
+    return torch.copysign(mags[_e2m1_index(x32)], x32)
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest FP4 E2M1 value, ties to even, saturating at +-6 (the input is already scaled).
+
+    Computed in fp32; returned in `x.dtype` (every E2M1 value is exact in any float dtype). Negative inputs that round
+    to zero give -0.0, as the sign bit of the code is kept.
+
+    >>> e2m1_round(torch.tensor([0.25, 0.75, 2.5, 3.5, 7.0, -1.3]))
+    tensor([ 0.0000,  1.0000,  2.0000,  4.0000,  6.0000, -1.5000])
+    """
+    return _e2m1_round_f32(x.float()).to(x.dtype)
+
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8 0..15, `sign << 3 | index` into `E2M1_VALUES`) of the already scaled `x`, RNE + saturation."""
+    x32 = x.float()
+    index = _e2m1_index(x32).to(torch.uint8)
+    sign = torch.signbit(x32).to(torch.uint8)
+    return index | (sign << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of E2M1 codes (uint8 0..15; only the low nibble is read)."""
+    return _e2m1_lut(codes.device)[(codes & 0x0F).long()]
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes [..., 2k] into bytes [..., k]: element 2i in the low nibble, element 2i+1 in the high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_fp4 needs an even last dimension, got shape {tuple(codes.shape)}")
+    codes = codes.to(torch.uint8) & 0x0F
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_fp4`: uint8 bytes [..., k] -> codes [..., 2k]."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+@dataclass
+class QuantizedFP4:
+    """A tensor stored in NVFP4 or MXFP4.
+
+    Attributes:
+        fmt: "nvfp4" or "mxfp4".
+        packed: uint8 [..., n / 2], two E2M1 codes per byte (element 2i in the low nibble).
+        block_scale: NVFP4: torch.float8_e4m3fn [..., n / 16]. MXFP4: uint8 biased E8M0 exponent [..., n / 32]
+            (the scale is 2^(e - 127)).
+        per_tensor_scale: NVFP4: fp32 0-dim tensor `amax / 2688` (torchao's convention; the dequantized value is
+            `code * block_scale * per_tensor_scale`). None for MXFP4.
+        shape: the original shape.
+        dtype: the original dtype (the default output dtype of `dequantize`).
+    """
+
+    fmt: str
+    packed: torch.Tensor
+    block_scale: torch.Tensor
+    per_tensor_scale: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def block_size(self) -> int:
+        return BLOCK_SIZE[self.fmt]
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked E2M1 codes (uint8), in the original shape."""
+        return unpack_fp4(self.packed).reshape(self.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_format(fmt: str, name: str) -> None:
+    if fmt not in FP4_FORMATS:
+        raise ValueError(f"Unknown FP4 format {fmt!r} for {name}; valid formats are: {', '.join(FP4_FORMATS)}.")
+
+
+def _check_scale_mode(mode: str, name: str) -> None:
+    if mode not in MXFP4_SCALE_MODES:
+        raise ValueError(
+            f"Unknown MXFP4 scale mode {mode!r} for {name}; valid modes are: {', '.join(MXFP4_SCALE_MODES)}."
+        )
+
+
+def validate_for_fp4(x: torch.Tensor, fmt: str, name: str = "tensor") -> None:
+    """Raise a `ValueError` naming `name` if `x` cannot be quantized to `fmt`.
+
+    Checks: known format, a floating-point tensor (fp32, bf16, fp16 or fp64), at least one dimension, not empty, last
+    dimension a multiple of the block size (16 for NVFP4, 32 for MXFP4), and no NaN or Inf (the reference
+    implementations turn them silently into NaN blocks, a NaN tensor, or finite garbage).
+    """
+    _check_format(fmt, name)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor to quantize to {fmt}, got {type(x).__name__}.")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in _SUPPORTED_DTYPES)
+        raise ValueError(
+            f"{name}: {fmt} quantization needs a floating-point tensor ({supported}), got dtype {x.dtype}."
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{name}: {fmt} quantization needs at least one dimension, got a 0-dim tensor.")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: cannot quantize an empty tensor (shape {tuple(x.shape)}) to {fmt}.")
+    block = BLOCK_SIZE[fmt]
+    if x.shape[-1] % block:
+        raise ValueError(
+            f"{name}: the last dimension ({x.shape[-1]}, shape {tuple(x.shape)}) must be a multiple of the {fmt} "
+            f"block size {block}."
+        )
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        num_nan = int(torch.isnan(x).sum())
+        num_inf = int((~finite).sum()) - num_nan
+        raise ValueError(
+            f"{name}: cannot quantize to {fmt}: the tensor (shape {tuple(x.shape)}) contains {num_nan} NaN and "
+            f"{num_inf} Inf values out of {x.numel()}."
+        )
+
+
+def _as_per_tensor_scale(per_tensor_scale, name: str) -> torch.Tensor:
+    pts = torch.as_tensor(per_tensor_scale).detach()
+    if pts.numel() != 1:
+        raise ValueError(f"{name}: per_tensor_scale must hold a single value, got shape {tuple(pts.shape)}.")
+    pts = pts.to(torch.float32).reshape(())
+    if not bool(torch.isfinite(pts)) or float(pts) <= 0.0:
+        raise ValueError(f"{name}: per_tensor_scale must be finite and > 0 (amax / 2688), got {float(pts)}.")
+    return pts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NVFP4
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def nvfp4_per_tensor_scale(amax) -> torch.Tensor:
+    """NVFP4's FP32 per-tensor scale `amax / (448 * 6)`: the largest block then uses the full E4M3 scale range.
+
+    Pass the max amax over a group (q/k/v, gate/up) to share one scale, as vLLM requires for fused layers.
+    """
+    return torch.as_tensor(amax).to(torch.float32) / NVFP4_PER_TENSOR_DIVISOR
+
+
+def _nvfp4_scale_and_scaled(x: torch.Tensor, per_tensor_scale, name: str):
+    """Shared NVFP4 steps: fp32 blocks [..., nb, 16], scaled to the E2M1 range, plus the E4M3 block scales."""
+    x32 = x.detach().to(torch.float32)
+    blocks = x32.reshape(*x32.shape[:-1], x32.shape[-1] // BLOCK_SIZE["nvfp4"], BLOCK_SIZE["nvfp4"])
+    if per_tensor_scale is None:
+        pts = nvfp4_per_tensor_scale(x32.abs().amax())
+        if float(pts) == 0.0:
+            # An all-zero tensor: amax / 2688 = 0 would make every scale NaN (torchao); any positive scale gives
+            # exact zeros. 1.0 is also what compressed-tensors stores for it (global scale nan_to_num'd to 1).
+            pts = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        pts = _as_per_tensor_scale(per_tensor_scale, name).to(x.device)
+    block_amax = blocks.abs().amax(dim=-1)
+    block_scale = (block_amax / E2M1_MAX) / pts
+    block_scale_fp8 = block_scale.clamp(min=E4M3_MIN_NORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    # One fp32 multiplier per block, (1 / pts) / s_b, as torchao computes it (multiply, do not divide).
+    multiplier = (1.0 / pts) / block_scale_fp8.to(torch.float32)
+    scaled = blocks * multiplier.unsqueeze(-1)
+    return scaled, block_scale_fp8, pts
+
+
+def _nvfp4_dequantize_values(values: torch.Tensor, block_scale_fp8: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    # QeRL (Eq. 6): W_hat = W_fp4 * S_fp8 * S_fp32, one E4M3 scale per block of 16 and one FP32 scale per tensor.
+    return values * (pts * block_scale_fp8.to(torch.float32)).unsqueeze(-1)
+
+
+def quantize_nvfp4(x: torch.Tensor, per_tensor_scale=None, *, name: str = "tensor") -> QuantizedFP4:
+    """Two-level NVFP4 quantization, bit-exact with torchao 0.18 `NVFP4Tensor.to_nvfp4(x, 16, amax / 2688)`.
+
+    Computed in fp32: `pts = amax / 2688`, `s_b = e4m3(clamp((amax_b / 6) / pts, 2^-6, 448))`,
+    `code = E2M1_rne(x * ((1 / pts) / s_b))`.
+
+    Args:
+        x: floating tensor, last dimension a multiple of 16.
+        per_tensor_scale: FP32 scale `amax / 2688` to use instead of this tensor's own (e.g. shared by q/k/v from the
+            max amax of the group; see `nvfp4_per_tensor_scale`). Default: from `x`'s amax.
+        name: names `x` in error messages.
+    """
+    validate_for_fp4(x, "nvfp4", name)
+    scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
+    codes = e2m1_encode(scaled).reshape(x.shape)
+    return QuantizedFP4("nvfp4", pack_fp4(codes), block_scale_fp8, pts, x.shape, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MXFP4
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _pow2_from_biased(biased: torch.Tensor) -> torch.Tensor:
+    """fp32 2^(b - 127) for biased exponents b in 1..254 (bits `b << 23`); b = 0 gives 0.0, b = 255 gives +Inf."""
+    return torch.bitwise_left_shift(biased.to(torch.int32), _F32_MANTISSA_BITS).view(torch.float32)
+
+
+def _mxfp4_scale_and_scaled(x: torch.Tensor, scale_mode: str):
+    """Shared MXFP4 steps: fp32 blocks [..., nb, 32], divided by the block scale, plus the biased E8M0 exponents."""
+    x32 = x.detach().to(torch.float32)
+    blocks = x32.reshape(*x32.shape[:-1], x32.shape[-1] // BLOCK_SIZE["mxfp4"], BLOCK_SIZE["mxfp4"])
+    amax = blocks.abs().amax(dim=-1)
+    if scale_mode == "rceil":
+        # 2^ceil(log2(amax / 6)), with fp32 log2 as torchao's eager code computes it.
+        exponent = torch.ceil(torch.log2(amax / E2M1_MAX)).clamp(min=-E8M0_BIAS, max=E8M0_BIAS)
+        biased = (exponent + E8M0_BIAS).to(torch.uint8)
+        # torchao multiplies by 2^(127 - b), and by 1.0 when b == 0 (the block is zero, or below 2^-124).
+        multiplier = torch.where(biased == 0, 1.0, torch.exp2(E8M0_BIAS - biased.to(torch.float32)))
+        scaled = blocks * multiplier.unsqueeze(-1)
+        return scaled, biased
+    bits = amax.view(torch.int32)
+    if scale_mode == "even":
+        # Round amax to one mantissa bit (E2M1's), carrying into the exponent: [1.75, 2) * 2^k -> 2^(k + 1).
+        bits = (bits + (1 << (_F32_MANTISSA_BITS - 2))) & ~((1 << _F32_MANTISSA_BITS) - 1)
+    # OCP MX (Sec. 6.3): shared exponent = floor(log2(amax)) - emax(E2M1), read from the fp32 exponent bits.
+    unbiased = ((bits >> _F32_MANTISSA_BITS) & 0xFF) - E8M0_BIAS - E2M1_EMAX
+    biased = (unbiased.clamp(min=-E8M0_BIAS, max=E8M0_BIAS + 1) + E8M0_BIAS).to(torch.uint8)
+    # torchao divides by the scale, held at least at the smallest fp32 normal 2^-126.
+    divisor = _pow2_from_biased(biased).clamp(min=_F32_MIN_NORMAL)
+    scaled = blocks / divisor.unsqueeze(-1)
+    return scaled, biased
+
+
+def _mxfp4_dequantize_values(values: torch.Tensor, biased: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # OCP MX: x_hat = P_i * 2^(e - 127). torchao multiplies in the output dtype (fp32 or bf16: exact, same result);
+    # other dtypes multiply in fp32 and round once, so that fp16 does not flush scales below 2^-24 to zero.
+    scale = torch.exp2(biased.to(torch.float32) - E8M0_BIAS)
+    scale = torch.where(biased == E8M0_NAN, float("nan"), scale)
+    compute_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    return (values.to(compute_dtype) * scale.to(compute_dtype).unsqueeze(-1)).to(dtype)
+
+
+def quantize_mxfp4(
+    x: torch.Tensor, scale_mode: str = DEFAULT_MXFP4_SCALE_MODE, *, name: str = "tensor"
+) -> QuantizedFP4:
+    """MXFP4 quantization (E2M1 elements, E8M0 scale per block of 32).
+
+    Bit-exact with torchao 0.18 `MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32, scaling_mode=...)` for each mode;
+    "even" is also bit-exact with compressed-tensors' MXFP4. See `DEFAULT_MXFP4_SCALE_MODE` for the choice of modes.
+    Block exponents (unbiased, before the clamp to [-127, 127]):
+
+    - "floor": floor(log2(amax)) - 2 (OCP spec); blocks with amax in (6, 8) * 2^e saturate at 6 * 2^e.
+    - "even": the same after rounding amax to one mantissa bit.
+    - "rceil": ceil(log2(amax / 6)); never saturates.
+    """
+    validate_for_fp4(x, "mxfp4", name)
+    _check_scale_mode(scale_mode, name)
+    scaled, biased = _mxfp4_scale_and_scaled(x, scale_mode)
+    codes = e2m1_encode(scaled).reshape(x.shape)
+    return QuantizedFP4("mxfp4", pack_fp4(codes), biased, None, x.shape, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dequantize and fake quantize
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize to `dtype` (default: the original dtype), exactly as torchao's `dequantize(dtype)` does."""
+    _check_format(q.fmt, "QuantizedFP4")
+    dtype = q.dtype if dtype is None else dtype
+    block = BLOCK_SIZE[q.fmt]
+    values = e2m1_decode(unpack_fp4(q.packed)).reshape(*q.shape[:-1], q.shape[-1] // block, block)
+    if q.fmt == "nvfp4":
+        out = _nvfp4_dequantize_values(values, q.block_scale, q.per_tensor_scale).to(dtype)
+    else:
+        out = _mxfp4_dequantize_values(values, q.block_scale, dtype)
+    return out.reshape(q.shape)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    per_tensor_scale=None,
+    mxfp4_scale_mode: str = DEFAULT_MXFP4_SCALE_MODE,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Quantize-dequantize `x` to `fmt` ("nvfp4" or "mxfp4"): same shape and dtype as `x`.
+
+    Equal to `dequantize(quantize_<fmt>(x, ...))` (without the packing round trip), hence bit-exact with torchao's
+    quantize-then-dequantize for fp32 and bf16. The last dimension must be a multiple of the block size (16 / 32).
+    No gradient flows through it; use `qerl_repro.quantization.fake_quantize_ste` for a straight-through estimator.
+
+    Args:
+        x: the tensor.
+        fmt: "nvfp4" or "mxfp4".
+        per_tensor_scale: NVFP4 only: a shared FP32 per-tensor scale (`amax / 2688`), default from `x`.
+        mxfp4_scale_mode: MXFP4 only: "floor", "even" or "rceil".
+        name: names `x` in error messages.
+    """
+    validate_for_fp4(x, fmt, name)
+    if fmt == "nvfp4":
+        scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
+        out = _nvfp4_dequantize_values(_e2m1_round_f32(scaled), block_scale_fp8, pts).to(x.dtype)
+    else:
+        _check_scale_mode(mxfp4_scale_mode, name)
+        scaled, biased = _mxfp4_scale_and_scaled(x, mxfp4_scale_mode)
+        out = _mxfp4_dequantize_values(_e2m1_round_f32(scaled), biased, x.dtype)
+    return out.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Error metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(w: torch.Tensor, w_hat: torch.Tensor) -> None:
+    if w.shape != w_hat.shape:
+        raise ValueError(f"shape mismatch: w {tuple(w.shape)} vs w_hat {tuple(w_hat.shape)}")
+
+
+def relative_frobenius_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """`||w - w_hat||_F / ||w||_F`, computed in float64 (nan when w is all zero)."""
+    _check_pair(w, w_hat)
+    w64 = w.detach().double()
+    den = torch.linalg.vector_norm(w64)
+    num = torch.linalg.vector_norm(w64 - w_hat.detach().double())
+    return float(num / den) if float(den) > 0 else float("nan")
+
+
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio `10 log10(sum w^2 / sum (w - w_hat)^2)` in dB (inf when exact)."""
+    rel = relative_frobenius_error(w, w_hat)
+    if rel == 0.0:
+        return math.inf
+    return -20.0 * math.log10(rel)
+
+
+def deadzone_fraction(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Share of the non-zero weights of `w` that quantize to exactly zero in `w_hat` (nan when w is all zero)."""
+    _check_pair(w, w_hat)
+    nonzero = w.detach() != 0
+    count = int(nonzero.sum())
+    if count == 0:
+        return float("nan")
+    return int((nonzero & (w_hat.detach() == 0)).sum()) / count

@@ -188,6 +188,21 @@ def test_apply_fake_quant_never_touches_lora_and_lets_it_train():
     assert base_layer.weight.grad is None
 
 
+class _PackedLinear(nn.Linear):
+    """Stands for an already-quantized Linear subclass (FP4Linear, bnb Linear4bit): no floating weight Parameter."""
+
+    def __init__(self):
+        super().__init__(32, 8)
+        del self.weight
+        self.register_buffer("weight", torch.zeros(8, 16, dtype=torch.uint8))
+
+
+def test_apply_fake_quant_leaves_already_quantized_linears_alone():
+    model = nn.Sequential(nn.Linear(32, 32), _PackedLinear())
+    assert apply_fake_quant_(model, "nvfp4") == ["0"]
+    assert type(model[1]) is _PackedLinear
+
+
 def test_apply_fake_quant_custom_skip_list_and_block_check():
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(32, 32))

@@ -145,6 +145,12 @@ class FakeQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, fmt={self.fmt}, quantize_activations={self.quantize_activations}{mode}"
 
 
+def _has_float_weight_parameter(module: nn.Module) -> bool:
+    # Already-quantized Linear subclasses (e.g. FP4Linear's packed buffers, bitsandbytes' uint8 Params4bit) have none.
+    weight = module._parameters.get("weight")
+    return isinstance(weight, nn.Parameter) and weight.is_floating_point()
+
+
 def _is_skipped(name: str, skip_modules) -> bool:
     # A skip entry matches whole dotted components anywhere in the name: "lm_head" matches "base_model.model.lm_head"
     # and "lm_head.modules_to_save.default", but not "my_lm_head".
@@ -164,6 +170,8 @@ def apply_fake_quant_(
     Skipped: modules whose qualified name contains a `skip_modules` entry (as whole dotted components), and any module
     whose name contains "lora_" (PEFT's LoRA A/B and their dropout/embedding siblings: LoRA stays full precision;
     DESIGN.md trap 5). A PEFT `lora.Linear` wrapper is not an `nn.Linear`; its `base_layer` is, and gets replaced.
+    Linear subclasses without a floating-point `weight` Parameter (already 4-bit layers such as `FP4Linear` or
+    bitsandbytes `Linear4bit`) are left alone: fake-quantizing them again would be a second quantization.
     Every eligible layer is checked (block size divides `in_features`) before any is replaced.
 
     Returns:
@@ -172,6 +180,8 @@ def apply_fake_quant_(
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, FakeQuantLinear):
+            continue
+        if not _has_float_weight_parameter(module):
             continue
         if "lora_" in name or _is_skipped(name, skip_modules):
             continue

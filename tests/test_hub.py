@@ -1,0 +1,255 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""Model card extras, Hub push without a Hub (clear error, local folder untouched), what would be uploaded, merged
+exports."""
+
+import hashlib
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qerl_repro.config import QeRLConfig
+from qerl_repro.evaluation import summarize_records
+from qerl_repro.hub import (
+    CARD_BEGIN,
+    CARD_END,
+    HubUnreachableError,
+    append_model_card_extras,
+    build_model_card_extras,
+    export_merged,
+    push_folder_to_hub,
+    upload_file_list,
+)
+from qerl_repro.noise import aqn_schedule_table
+
+
+MAX_STEPS = 20
+
+
+def _tree_hashes(folder):
+    hashes = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, folder)] = (
+                    hashlib.sha256(f.read()).hexdigest(),
+                    os.stat(path).st_mtime_ns,
+                )
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """An in-memory PEFT model with non-zero LoRA B (a stand-in for a trained adapter) saved as a training output_dir."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    peft_model.eval()
+    output_dir = str(tmp_path_factory.mktemp("run"))
+    peft_model.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write("---\nlibrary_name: transformers\n---\n\n# Model Card for run\n\nTRL's card.\n")
+    os.makedirs(os.path.join(output_dir, "checkpoint-10"))
+    with open(os.path.join(output_dir, "checkpoint-10", "optimizer.pt"), "wb") as f:
+        f.write(b"optimizer state")
+    return peft_model, output_dir
+
+
+def _logits(model, vocab_size):
+    input_ids = torch.randint(0, vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _card_args(tmp_dir):
+    script_args = SimpleNamespace(
+        dataset_name="openai/gsm8k", dataset_config="main", dataset_path=None, train_limit=None,
+        reward_funcs=["format", "answer"], assistant_prefill=None,
+    )  # fmt: skip
+    training_args = QeRLConfig(
+        output_dir=tmp_dir, quant_format="nvfp4", aqn=True, max_steps=MAX_STEPS, learning_rate=1e-5,
+        per_device_train_batch_size=16, num_generations=8, gradient_accumulation_steps=8, report_to="none",
+        use_cpu=True, epsilon_high=0.28,
+    )  # fmt: skip
+    model_args = SimpleNamespace(
+        model_name_or_path="Qwen/Qwen2.5-3B-Instruct", dtype="bfloat16", use_peft=True, lora_r=32, lora_alpha=64,
+        lora_dropout=0.0, lora_target_modules="all-linear", lora_modules_to_save=None,
+    )  # fmt: skip
+    return script_args, training_args, model_args
+
+
+def _synthetic_eval(correct, k=1):
+    records = [
+        {"correct": [c] * k, "numeric_correct": [c] * k, "formatted": [True] * k, "finish_reasons": ["stop"] * k}
+        for c in correct
+    ]
+    return {"config": {"criterion": "answer", "sampling": {"greedy": False, "temperature": 0.6, "top_p": 0.95,
+            "max_new_tokens": 4096, "num_samples": k}}, **summarize_records(records)}  # fmt: skip
+
+
+def test_model_card_extras(tmp_dir):
+    script_args, training_args, model_args = _card_args(tmp_dir)
+    before = _synthetic_eval([True] * 3 + [False] * 7)  # 30 %, n = 10
+    after = _synthetic_eval([True] * 8 + [False] * 2)  # 80 %, n = 10
+    command = ["accelerate", "launch", "recipes/gsm8k_nvfp4_aqn.py", "--config", "recipes/x.yaml", "--seed", "1"]
+    card = build_model_card_extras(
+        script_args, training_args, model_args, eval_results={"eval_before": before, "eval_after": after},
+        command=command,
+    )  # fmt: skip
+    assert card.startswith(CARD_BEGIN) and card.rstrip().endswith(CARD_END)
+    assert "### Command to reproduce" in card
+    assert "accelerate launch recipes/gsm8k_nvfp4_aqn.py --config recipes/x.yaml --seed 1" in card
+    assert "| base quantization | nvfp4 |" in card
+    assert "| LoRA r / alpha / dropout | 32 / 64 / 0 |" in card
+    assert "| completions per step (per device × accumulation × processes) | 128 |" in card
+    assert "| clip epsilon low / high | 0.2 / 0.28 |" in card
+    # The AQN table is the schedule of qerl_repro.noise for this run: every stage, its steps and sigma.
+    for row in aqn_schedule_table(MAX_STEPS, 1e-2, 5e-4, 10, "qerl_code"):
+        assert f"| {row['stage']} | {row['first_step']}–{row['last_step']} | {row['sigma']:.3g} |" in card
+    assert "| 0 | 0–1 | 0 |" in card and "| 9 | 18–19 | 0.0005 |" in card  # noise-free warm-up, last sigma
+    # Results with n, k and the CI (Wilson on 10 questions: 8/10 -> [49.0, 94.3]).
+    assert "| eval_after | 80.0 | [49.0, 94.3] | 10 | 1 |" in card
+    assert "| eval_before | 30.0 |" in card
+
+
+def test_model_card_extras_without_aqn_or_results(tmp_dir):
+    script_args, training_args, model_args = _card_args(tmp_dir)
+    training_args.aqn = False
+    card = build_model_card_extras(script_args, training_args, model_args, command="python x.py")
+    assert "AQN off" in card and "GSM8K evaluation" not in card
+    single = build_model_card_extras(script_args, training_args, model_args, eval_results=_synthetic_eval([True]))
+    assert "| GSM8K | 100.0 |" in single
+
+
+def test_append_model_card_extras_is_idempotent(trained, tmp_dir):
+    readme = os.path.join(tmp_dir, "README.md")
+    shutil.copy(os.path.join(trained[1], "README.md"), readme)
+    append_model_card_extras(tmp_dir, f"{CARD_BEGIN}\nfirst\n{CARD_END}\n")
+    append_model_card_extras(readme, f"{CARD_BEGIN}\nsecond\n{CARD_END}\n")
+    with open(readme) as f:
+        text = f.read()
+    assert text.startswith("---\nlibrary_name: transformers\n---") and "TRL's card." in text  # TRL's card is kept
+    assert text.count(CARD_BEGIN) == 1 and "second" in text and "first" not in text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Push without a Hub
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_push_offline_fails_clearly_and_leaves_the_folder(trained, monkeypatch):
+    _, folder = trained
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = _tree_hashes(folder)
+    with pytest.raises(RuntimeError, match="offline mode") as info:
+        push_folder_to_hub(folder, "qerl-repro/test-model", token="hf_not_a_real_token")
+    assert isinstance(info.value, HubUnreachableError)
+    assert os.path.abspath(folder) in str(info.value) and "unchanged" in str(info.value)
+    assert _tree_hashes(folder) == before  # same files, same bytes, same modification times
+
+
+def test_push_without_network_fails_clearly(trained, monkeypatch):
+    _, folder = trained
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    before = _tree_hashes(folder)
+    # Nothing listens on port 9 (discard) of localhost: the connection is refused at once, as without a network.
+    with pytest.raises(HubUnreachableError, match="unreachable") as info:
+        push_folder_to_hub(folder, "qerl-repro/test-model", token="hf_not_a_real_token", endpoint="http://127.0.0.1:9")
+    assert os.path.abspath(folder) in str(info.value)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubUnreachableError, match="no Hugging Face token"):
+        push_folder_to_hub(folder, "qerl-repro/test-model")
+    assert _tree_hashes(folder) == before
+
+
+def test_push_refuses_a_missing_folder(tmp_dir):
+    with pytest.raises(FileNotFoundError, match="Nothing to push"):
+        push_folder_to_hub(os.path.join(tmp_dir, "nope"), "qerl-repro/test-model")
+
+
+def test_uploaded_files_load_back_to_the_same_model(trained, tiny_model_dir, tmp_dir):
+    peft_model, folder = trained
+    files = upload_file_list(folder)
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files and "README.md" in files
+    assert not any(name.startswith("checkpoint-") for name in files)  # intermediate checkpoints stay local
+    # Copy exactly what push_folder_to_hub would upload, as the Hub would store it, and load it back from there.
+    remote = os.path.join(tmp_dir, "remote")
+    for name in files:
+        os.makedirs(os.path.dirname(os.path.join(remote, name)), exist_ok=True)
+        shutil.copy(os.path.join(folder, name), os.path.join(remote, name))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, remote).eval()
+    vocab_size = base.config.vocab_size
+    assert torch.equal(_logits(loaded, vocab_size), _logits(peft_model, vocab_size))
+    AutoTokenizer.from_pretrained(remote)  # the tokenizer travels with the adapter
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Merged exports
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_export_merged_equals_base_plus_adapter(trained, tiny_model_dir, tmp_dir):
+    peft_model, folder = trained
+    vocab_size = peft_model.config.vocab_size
+    reference = _logits(peft_model, vocab_size)
+    fp32_dir = export_merged(folder, tiny_model_dir, os.path.join(tmp_dir, "fp32"), fmt="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())  # a plain model: no PEFT needed
+    torch.testing.assert_close(_logits(merged, vocab_size), reference, rtol=1e-5, atol=1e-5)
+
+    bf16_dir = export_merged(folder, None, os.path.join(tmp_dir, "bf16"))  # base read from the adapter config
+    merged_bf16 = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
+    state = merged_bf16.state_dict()
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    for name, tensor in merged.state_dict().items():  # bf16 export == fp32 merge rounded once to bf16
+        assert torch.equal(state[name], tensor.to(torch.bfloat16)), name
+    assert os.path.isfile(os.path.join(bf16_dir, "tokenizer.json"))
+
+
+def test_export_merged_nvfp4(trained, tiny_model_dir, tmp_dir):
+    export = pytest.importorskip("qerl_repro.quantization.export")
+    from safetensors.torch import load_file
+
+    from qerl_repro.quantization.base import quantize_model_
+
+    _, folder = trained
+    out_dir = export_merged(folder, tiny_model_dir, os.path.join(tmp_dir, "nvfp4"), fmt="nvfp4")
+    with open(os.path.join(out_dir, "config.json")) as f:
+        assert json.load(f)["quantization_config"]["format"] == export.CT_FORMAT["nvfp4"]
+    # Reference: the fp32 merge of the same adapter, cast to bf16 once and quantized in memory. The checkpoint holds
+    # exactly its packed codes, block scales and global scales (the exporter's own round trip is tested elsewhere).
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(reference, folder).merge_and_unload().to(torch.bfloat16)
+    quantize_model_(reference, "nvfp4")
+    expected, _ = export.compressed_state_dict(reference)
+    written = load_file(os.path.join(out_dir, "model.safetensors"))
+    assert sorted(written) == sorted(expected)
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(
+            written[name].view(torch.uint8), tensor.view(torch.uint8)
+        ), name
+
+
+def test_export_merged_rejects_unknown_formats(trained, tmp_dir):
+    with pytest.raises(ValueError, match="fmt="):
+        export_merged(trained[1], None, tmp_dir, fmt="int3")

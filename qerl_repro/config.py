@@ -51,6 +51,9 @@ class QeRLConfig(GRPOConfig):
             Also perturb Qwen3-style per-head `q_norm` / `k_norm`.
         aqn_allow_unquantized (`bool`, *optional*, defaults to `False`):
             Allow AQN on a high-precision base (the BF16 + AQN ablation requested in QeRL issue #11).
+        vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
+            Run the colocated vLLM engine eagerly (no torch.compile / CUDA graphs). `None`: eager on vLLM's CPU backend
+            (compiled graphs recompiled as shapes changed and ran slower there), compiled elsewhere.
         vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
             Overrides TRL's default (`True`): QeRL trained without a vLLM importance-sampling correction, which would
             partly undo the effect of the rollout noise on the gradient.
@@ -90,6 +93,9 @@ class QeRLConfig(GRPOConfig):
     aqn_include_qk_norm: bool = field(default=False, metadata={"help": "Also perturb Qwen3-style q_norm / k_norm."})
     aqn_allow_unquantized: bool = field(
         default=False, metadata={"help": "Allow AQN on a high-precision base (BF16 + AQN ablation)."}
+    )
+    vllm_enforce_eager: bool | None = field(
+        default=None, metadata={"help": "Run the colocated vLLM engine eagerly; None: eager on CPU only."}
     )
     vllm_importance_sampling_correction: bool = field(
         default=False,

@@ -10,6 +10,7 @@ What it adds to `GRPOTrainer` (everything else is TRL's):
 - `aqn/sigma`, `aqn/stage` and `aqn/num_noised_modules` are added to every training log.
 """
 
+import functools
 import json
 import logging
 import textwrap
@@ -36,30 +37,40 @@ def _has_quantized_linear(model: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def _no_bnb_engine_quantization():
-    """vLLM loads the high-precision checkpoint and receives dequantized weights: keep TRL from asking vLLM for
-    in-flight bitsandbytes quantization when the training base is NF4."""
+def _engine_build_overrides(enforce_eager: bool):
+    """Adjust the `LLM(...)` that TRL's `VLLMGeneration._init_vllm` builds, for the duration of the call:
+
+    - vLLM loads the high-precision checkpoint and receives dequantized weights, so TRL must not ask it for in-flight
+      bitsandbytes quantization when the training base is NF4;
+    - `enforce_eager` (TRL has no option for it): on vLLM's CPU backend the compiled graph recompiles as shapes change
+      and was about 2x slower than eager in our measurements.
+    """
     import trl.generation.vllm_generation as module
 
-    original = module.is_bitsandbytes_available
+    original_bnb, original_llm = module.is_bitsandbytes_available, module.LLM
     module.is_bitsandbytes_available = lambda: False
+    if enforce_eager:
+        module.LLM = functools.partial(original_llm, enforce_eager=True)
     try:
         yield
     finally:
-        module.is_bitsandbytes_available = original
+        module.is_bitsandbytes_available, module.LLM = original_bnb, original_llm
 
 
 class QeRLVLLMGeneration(VLLMGeneration):
     """TRL's vLLM backend with the out-of-place LoRA merge, the vLLM-CPU repack and a post-sync hook."""
 
     post_sync_hook = None  # set by QeRLTrainer: called on every rank after every sync
+    enforce_eager = None  # set by QeRLTrainer from `vllm_enforce_eager` (None: eager on CPU only)
 
     def _init_vllm(self):
+        enforce_eager = False
         if self.mode == "colocate":
-            from qerl_repro.vllm_cpu import keep_cpu_linear_weights
+            from qerl_repro.vllm_cpu import is_vllm_cpu_platform, keep_cpu_linear_weights
 
             keep_cpu_linear_weights()
-        with _no_bnb_engine_quantization():
+            enforce_eager = is_vllm_cpu_platform() if self.enforce_eager is None else self.enforce_eager
+        with _engine_build_overrides(enforce_eager):
             super()._init_vllm()
 
     @property
@@ -149,7 +160,10 @@ class QeRLTrainer(GRPOTrainer):
         if not isinstance(args, QeRLConfig):
             raise TypeError(f"QeRLTrainer needs a QeRLConfig, got {type(args).__name__}.")
         model = prepare_base_model(model, args)
-        with _vllm_generation_class(QeRLVLLMGeneration):
+        generation_class = type(
+            "QeRLVLLMGeneration", (QeRLVLLMGeneration,), {"enforce_eager": args.vllm_enforce_eager}
+        )
+        with _vllm_generation_class(generation_class):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._aqn_last = {"aqn/sigma": 0.0, "aqn/stage": 0, "aqn/num_noised_modules": 0}
         self._rollout_noiser = None

@@ -165,3 +165,33 @@ def test_noise_changes_generation_and_clean_weights_restore_it(vllm_run):
     with noiser.clean_weights():
         assert greedy() == clean_output  # clean weights restored exactly give the clean output back
     assert noisy_output != clean_output
+
+
+def test_rollouts_use_the_weights_of_the_current_step(vllm_run):
+    """The engine's sampling distribution is the trained policy's (not the checkpoint's, not a stale packed GEMM)."""
+    from vllm import SamplingParams
+
+    trainer, _, _ = vllm_run
+    trainer.vllm_generation.sync_weights()
+    llm = trainer.vllm_generation.llm
+    prompt_ids = trainer.processing_class("Weng earns $12 an hour for babysitting")["input_ids"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
+    with trainer._rollout_noiser.clean_weights():
+        llm.reset_prefix_cache()
+        output = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0].outputs[0]
+    tokens = list(output.token_ids)
+    engine_logprobs = torch.tensor([entry[t].logprob for t, entry in zip(tokens, output.logprobs)])
+
+    def hf_logprobs(disable_adapter: bool):
+        model = trainer.model
+        ids = torch.tensor([prompt_ids + tokens])
+        context = model.disable_adapter() if disable_adapter else torch.no_grad()
+        with torch.no_grad(), context:
+            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+    policy, base = hf_logprobs(False), hf_logprobs(True)
+    gap_to_policy = (engine_logprobs - policy).abs().max()
+    gap_to_base = (engine_logprobs - base).abs().max()
+    assert gap_to_policy < 0.05  # bf16 engine vs fp32 HF forward of the same weights
+    assert gap_to_base > 5 * gap_to_policy  # the LoRA update is visible: the engine is not serving stale weights

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -36,6 +38,8 @@ import torch
 
 
 BENCHES: dict[str, Callable[[], dict]] = {}
+# Other modules that register benches with `@register_bench`; imported by the CLI when they exist.
+BENCH_MODULES = ("qerl_repro.bench_trainer",)
 
 
 def register_bench(name: str):
@@ -338,6 +342,19 @@ def merge_results(path: str, new: dict[str, dict]) -> dict:
     return merged
 
 
+def registered_benches() -> dict[str, Callable[[], dict]]:
+    """All benches: this module's and those of `BENCH_MODULES` (imported here).
+
+    Under `python -m qerl_repro.bench` this file runs as `__main__`, while other modules register into the imported
+    `qerl_repro.bench`: read that module's registry so both kinds are found.
+    """
+    module = importlib.import_module("qerl_repro.bench")
+    for name in BENCH_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    return module.BENCHES
+
+
 @dataclass
 class BenchArguments:
     """Arguments of `python -m qerl_repro.bench`."""
@@ -350,10 +367,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(BENCHES)
-    unknown = [n for n in names if n not in BENCHES]
+    benches = registered_benches()
+    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else list(benches)
+    unknown = [n for n in names if n not in benches]
     if unknown:
-        raise ValueError(f"Unknown bench(es) {unknown}; registered: {', '.join(BENCHES)}.")
+        raise ValueError(f"Unknown bench(es) {unknown}; registered: {', '.join(benches)}.")
     meta = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": torch.__version__,
@@ -363,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     results = {}
     for name in names:
         start = time.perf_counter()
-        result = BENCHES[name]()
+        result = benches[name]()
         result["meta"] = {**meta, "seconds": round(time.perf_counter() - start, 1)}
         results[name] = result
         print(format_table({name: result}), flush=True)

@@ -110,7 +110,7 @@ def test_bench_registry_cli_and_merge(tmp_dir, monkeypatch):
     output = os.path.join(tmp_dir, "bench.json")
     with open(output, "w") as f:
         json.dump({"other_bench": {"value": 1}}, f)  # another engineer's entry: kept
-    monkeypatch.setitem(bench.BENCHES, "tiny_gaussian", lambda: bench.gaussian_error(n=256))
+    monkeypatch.setitem(bench.registered_benches(), "tiny_gaussian", lambda: bench.gaussian_error(n=256))
     results = bench.main(["--only", "tiny_gaussian", "--output", output])
     with open(output) as f:
         merged = json.load(f)
@@ -121,6 +121,6 @@ def test_bench_registry_cli_and_merge(tmp_dir, monkeypatch):
         9.0 < entry["nvfp4"]["rel_frobenius_pct"] < 10.0
         and entry["nvfp4"]["rel_frobenius_pct"] < (entry["mxfp4_even"]["rel_frobenius_pct"])
     )
-    assert {"gaussian_error", "smollm2_memory", "fake_quantize_speed"} <= set(bench.BENCHES)
+    assert {"gaussian_error", "smollm2_memory", "fake_quantize_speed"} <= set(bench.registered_benches())
     with pytest.raises(ValueError, match="Unknown bench"):
         bench.main(["--only", "nope", "--output", output])

@@ -71,8 +71,8 @@ def iter_rollout_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         else:
             continue
         handled_modules.add(id(base))
-        raw_weight = getattr(base, "weight", None)
-        if isinstance(raw_weight, nn.Parameter):
+        raw_weight = base._parameters.get("weight")  # not `base.weight`: on FP4Linear that dequantizes again
+        if raw_weight is not None:
             emitted_params.add(id(raw_weight))
         yield _canonical_name(module_name) + ".weight", weight
 

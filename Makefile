@@ -67,7 +67,7 @@ demo: install
 	$(PY) -m qerl_repro.models
 	$(CPU_ENV) $(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml recipes/gsm8k_nvfp4_aqn.py \
 		--config recipes/SmolLM2-135M-Instruct/gsm8k_nvfp4_aqn.yaml --output_dir $(DEMO_DIR) $(DATASET_ARGS) $(ARGS)
-	$(PY) -m qerl_repro.report summary $(DEMO_DIR)
+	$(PY) -m qerl_repro.report --summary $(DEMO_DIR)
 
 # make evaluate MODEL=<path|smollm2> [ADAPTER=<lora dir>] [ARGS="--limit 100 --backend hf"]
 evaluate: install
@@ -77,17 +77,17 @@ evaluate: install
 reproduce-table1: install
 	for model in $(TABLE1_MODELS); do for recipe in $(TABLE1_RECIPES); do \
 		$(if $(filter cpu,$(SCALE)),$(CPU_ENV),) $(ACCELERATE) launch --config_file $(TABLE1_ACCELERATE) recipes/$$recipe.py \
-			--config recipes/$$model/$$recipe.yaml --output_dir $(TABLE1_DIR)/$$model/$$recipe $(DATASET_ARGS) $(ARGS) \
+			--config recipes/$$model/$$recipe.yaml --output_dir $(TABLE1_DIR)/$$model-$$recipe $(DATASET_ARGS) $(ARGS) \
 			|| exit 1; \
 	done; done
-	$(PY) -m qerl_repro.report table --runs $(TABLE1_DIR) --output results/table1_$(SCALE).md
+	$(PY) -m qerl_repro.report --results_dir $(TABLE1_DIR) --output results/table1_$(SCALE).md --plots
 
 model: install
 	$(PY) -m qerl_repro.models
 
 quant-report: install
-	$(PY) -m qerl_repro.quantization.report --format nvfp4 --output runs/quant_report/smollm2_nvfp4.json
-	$(PY) -m qerl_repro.quantization.report --format mxfp4 --output runs/quant_report/smollm2_mxfp4.json
+	$(PY) -m qerl_repro.quantization.report --model smollm2 --format nvfp4 --output results/quant_report_smollm2_nvfp4.json
+	$(PY) -m qerl_repro.quantization.report --model smollm2 --format mxfp4 --output results/quant_report_smollm2_mxfp4.json
 
 bench: install
 	$(PY) -m qerl_repro.bench --output results/bench.json

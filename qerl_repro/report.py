@@ -447,6 +447,96 @@ class ReportArguments:
     json_output: str | None = field(default=None, metadata={"help": "Also write the rows as JSON here."})
     plots: bool = field(default=False, metadata={"help": "Plot training curves of every run into <run>/plots."})
     include_paper_rows: bool = field(default=True, metadata={"help": "List paper rows we have no run for."})
+    summary: str | None = field(
+        default=None,
+        metadata={"help": "Print (and save as <run>/summary.json) the summary of one run folder instead."},
+    )
+
+
+def _window_stats(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return {"mean": mean, "std": math.sqrt(var), "n": n}
+
+
+def run_summary(run_dir: str, window: int = 10) -> dict:
+    """Headline numbers of one training run folder: eval before/after (with CIs) and the reward trend.
+
+    The learning signal is the mean total reward of the last `window` logged steps minus that of the first `window`,
+    with a 95 % interval from the step-to-step spread (Welch, normal approximation). That spread is within-run noise:
+    it is not a run-to-run (seed) interval.
+    """
+    summary: dict = {"run_dir": run_dir}
+    for name in ("eval_before", "eval_after"):
+        path = os.path.join(run_dir, f"{name}.json")
+        if os.path.isfile(path):
+            result = _load(path)
+            summary[name] = {
+                k: result.get(k) for k in ("accuracy", "ci95", "n", "k", "numeric_accuracy", "format_rate")
+            }
+    state_path = os.path.join(run_dir, "trainer_state.json")
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            history = json.load(f).get("log_history", [])
+        steps = [entry for entry in history if "reward" in entry and "loss" in entry]
+        rewards = [float(entry["reward"]) for entry in steps]
+        summary["steps"] = len(steps)
+        if len(rewards) >= 2 * window:
+            first, last = _window_stats(rewards[:window]), _window_stats(rewards[-window:])
+            diff = last["mean"] - first["mean"]
+            se = math.sqrt(first["std"] ** 2 / first["n"] + last["std"] ** 2 / last["n"])
+            summary["reward_trend"] = {
+                "first": first,
+                "last": last,
+                "difference": diff,
+                "difference_ci95": [diff - 1.96 * se, diff + 1.96 * se],
+                "noise": "within-run step-to-step spread (Welch), not a run-to-run interval",
+            }
+        for key in ("aqn/num_noised_modules", "step_time"):
+            values = [entry[key] for entry in steps if key in entry]
+            if values:
+                summary.setdefault("per_step", {})[key] = {"min": min(values), "max": max(values)}
+        step_times = sorted(entry["step_time"] for entry in steps if "step_time" in entry)
+        if step_times:
+            summary["step_time_median_s"] = step_times[len(step_times) // 2]
+    return summary
+
+
+def format_run_summary(summary: dict) -> str:
+    lines = [f"Run: {summary['run_dir']}", "", "| metric | value |", "|---|---|"]
+
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f} %"
+
+    for name in ("eval_before", "eval_after"):
+        result = summary.get(name)
+        if result:
+            low, high = result.get("ci95") or (None, None)
+            lines.append(
+                f"| {name} accuracy (n={result.get('n')}, k={result.get('k')}) | {pct(result.get('accuracy'))} "
+                f"[{pct(low)}, {pct(high)}] |"
+            )
+            lines.append(
+                f"| {name} format rate / numeric accuracy | {pct(result.get('format_rate'))} / "
+                f"{pct(result.get('numeric_accuracy'))} |"
+            )
+    if "steps" in summary:
+        lines.append(f"| logged steps | {summary['steps']} |")
+    trend = summary.get("reward_trend")
+    if trend:
+        low, high = trend["difference_ci95"]
+        lines.append(
+            f"| reward, first {trend['first']['n']} steps -> last {trend['last']['n']} | "
+            f"{trend['first']['mean']:.3f} -> {trend['last']['mean']:.3f} (diff {trend['difference']:+.3f}, "
+            f"95 % CI [{low:+.3f}, {high:+.3f}], within-run noise) |"
+        )
+    if "step_time_median_s" in summary:
+        lines.append(f"| median step time | {summary['step_time_median_s']:.1f} s |")
+    noised = summary.get("per_step", {}).get("aqn/num_noised_modules")
+    if noised:
+        lines.append(f"| AQN noised norms per step (min-max) | {noised['min']}-{noised['max']} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -456,6 +546,13 @@ def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.summary:
+        summary = run_summary(args.summary)
+        with open(os.path.join(args.summary, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        text = format_run_summary(summary)
+        print(text)
+        return text
     entries = load_manifest(args.runs) if args.runs else discover_runs(args.results_dir)
     if not entries:
         raise SystemExit(f"No evaluation results found ({args.runs or args.results_dir}).")

@@ -2,6 +2,7 @@
 """Results table (ours vs QeRL Table 1) from synthetic eval JSONs written here, and training-curve plots."""
 
 import json
+import math
 import os
 
 import pytest
@@ -219,3 +220,26 @@ def test_policy_eval_style_configs(tmp_dir):
     assert f"| {MODEL} | BF16 LoRA | 75.0 ± " in markdown and "| 76.1 |" in markdown
     assert "greedy decoding" in markdown and "256 new tokens (paper: 4096)" in markdown
     assert "Correctness criterion: answer" in markdown
+
+
+def test_run_summary_reward_trend_and_evals(tmp_path):
+    from qerl_repro.report import format_run_summary, run_summary
+
+    rewards = [0.1] * 10 + [0.2] * 5 + [0.5, 0.6] * 5  # first 10 steps: 0.1; last 10: mean 0.55
+    history = [
+        {"step": i + 1, "loss": 0.0, "reward": r, "step_time": 2.0, "aqn/num_noised_modules": 60}
+        for i, r in enumerate(rewards)
+    ]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (tmp_path / "eval_after.json").write_text(json.dumps({"accuracy": 0.1, "ci95": [0.05, 0.2], "n": 50, "k": 1}))
+    summary = run_summary(str(tmp_path))
+    trend = summary["reward_trend"]
+    assert summary["steps"] == 25
+    assert trend["first"]["mean"] == pytest.approx(0.1) and trend["last"]["mean"] == pytest.approx(0.55)
+    assert trend["difference"] == pytest.approx(0.45)
+    # Welch: se = sqrt(0/10 + var(last)/10); var of [0.5, 0.6] x 5 = 0.0027778
+    half = 1.96 * math.sqrt(0.0027777777 / 10)
+    assert trend["difference_ci95"] == pytest.approx([0.45 - half, 0.45 + half], rel=1e-4)
+    assert summary["eval_after"]["n"] == 50 and "eval_before" not in summary
+    text = format_run_summary(summary)
+    assert "0.100 -> 0.550" in text and "60-60" in text

@@ -166,6 +166,20 @@ def check_can_run(script_args, training_args, model_args, extra_missing: list[st
         raise SystemExit(message)
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-<step>` that was fully written (Trainer writes `trainer_state.json` last): a run killed
+    in the middle of a save resumes from the checkpoint before, instead of failing on the partial one."""
+    if not os.path.isdir(output_dir):
+        return None
+    while (checkpoint := get_last_checkpoint(output_dir)) is not None:
+        if os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            return checkpoint
+        partial = f"{checkpoint}.incomplete"
+        logger.warning(f"{checkpoint} was not fully written (killed while saving?): moved to {partial}.")
+        os.replace(checkpoint, partial)
+    return None
+
+
 class GSM8KAccuracyCallback(TrainerCallback):
     """Evaluates the current policy on the fixed GSM8K subset every `every` steps; logs `gsm8k/accuracy`."""
 
@@ -206,11 +220,9 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
     logger.info(f"Model parameters {model_args}")
 
     # Resume from the last checkpoint (re-running the same command after a kill continues the run)
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    last_checkpoint = last_complete_checkpoint(training_args.output_dir)
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-        logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+        logger.warning(f"Checkpoint detected, resuming training at {last_checkpoint}.")
     resume_from = training_args.resume_from_checkpoint or last_checkpoint
 
     # Data

@@ -118,3 +118,54 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_model_dir, tmp_di
     assert "2510.11696" in card and "Command to reproduce" in card
     if recipe != "gsm8k_bf16_full":
         assert os.path.exists(os.path.join(tmp_dir, "adapter_config.json"))
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_with_the_same_command(tiny_model_dir, tmp_dir):
+    """SIGKILL a real training process after its 2nd checkpoint, rerun the same command: no completed step is lost."""
+    import signal
+    import time
+
+    recipe = os.path.join(ROOT, "recipes", "gsm8k_nvfp4_aqn.py")
+    command = [
+        sys.executable, recipe,
+        "--config", os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "gsm8k_nvfp4_aqn.yaml"),
+        "--model_name_or_path", tiny_model_dir,
+        "--dtype", "float32",
+        "--dataset_path", os.path.join(ROOT, "..", "shared", "data", "gsm8k"),
+        "--output_dir", tmp_dir,
+        "--max_steps", "40",
+        "--save_steps", "2",
+        "--save_total_limit", "3",
+        "--use_vllm", "false",
+        "--per_device_train_batch_size", "3",
+        "--gradient_accumulation_steps", "1",
+        "--num_generations", "3",
+        "--max_completion_length", "8",
+        "--train_limit", "120",
+        "--eval_at_start", "false",
+        "--eval_limit", "2",
+        "--eval_max_new_tokens", "8",
+        "--plots", "false",
+        "--report_to", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(tmp_dir, "checkpoint-4")) and process.poll() is None:
+        assert time.time() < deadline, "no second checkpoint within 5 minutes"
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.5)  # let the checkpoint finish writing; the kill may still land mid-save of a later one
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_dir) if d.startswith("checkpoint-"))
+    assert checkpoints and checkpoints[-1] < 40, checkpoints
+
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming training at" in proc.stdout + proc.stderr
+    with open(os.path.join(tmp_dir, "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["global_step"] == 40
+    logged_steps = sorted({e["step"] for e in state["log_history"] if "loss" in e})
+    assert logged_steps == list(range(1, 41))  # every step, before and after the kill, is in the history

@@ -101,6 +101,22 @@ class QeRLVLLMGeneration(VLLMGeneration):
             self.post_sync_hook()
 
 
+def ddp_ignore_quantized_buffers_(model: torch.nn.Module) -> list[str]:
+    """Exclude the packed 4-bit base buffers from DDP's start-up broadcast (gloo cannot send float8 scales, and the
+    frozen base is quantized identically on every rank). Returns the ignored names."""
+    from qerl_repro.quantization.linear import is_quantized_linear
+
+    names = [
+        f"{module_name}.{buffer_name}"
+        for module_name, module in model.named_modules()
+        if is_quantized_linear(module)
+        for buffer_name in module._buffers
+    ]
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = existing + [n for n in names if n not in existing]
+    return names
+
+
 @contextmanager
 def _vllm_generation_class(cls):
     """GRPOTrainer.__init__ builds `VLLMGeneration` from its module globals: build ours instead."""
@@ -165,6 +181,7 @@ class QeRLTrainer(GRPOTrainer):
         )
         with _vllm_generation_class(generation_class):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        ddp_ignore_quantized_buffers_(self.model)
         self._aqn_last = {"aqn/sigma": 0.0, "aqn/stage": 0, "aqn/num_noised_modules": 0}
         self._rollout_noiser = None
         self._hf_norm_targets = None

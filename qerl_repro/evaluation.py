@@ -5,6 +5,7 @@
 python -m qerl_repro.evaluation --model smollm2 --dataset_path ../shared/data/gsm8k --output eval.json
 python -m qerl_repro.evaluation --model data/<run> --num_samples 4          # a training output_dir (an adapter)
 python -m qerl_repro.evaluation --model Qwen/Qwen2.5-3B-Instruct --adapter data/<run> --quant_format nvfp4
+python -m qerl_repro.evaluation --model runs/demo --quant_format nvfp4 --merge_adapter  # CPU: merged, not LoRA kernels
 ```
 
 Protocol (QeRL §4.1, reference/qerl.md §4.4): GSM8K test split (1319 questions), the chat template with QeRL's system
@@ -16,7 +17,8 @@ numeric-normalised accuracy and the format rate (`format_reward`) are reported n
 What QeRL's `eval/gsm8k.py` got wrong and this module does not: it never passed the LoRA (`lora_request`) to vLLM, it
 compared only the first character of the answer, its `--data` defaulted to AMC23 and it used 1024 tokens. Here an
 adapter is always applied (vLLM `LoRARequest`, or merged into a temporary copy of the model when vLLM cannot serve it,
-e.g. with `modules_to_save`; PEFT on the HF backend), and the JSON records how (`config.adapter_mode`).
+e.g. with `modules_to_save`, or on request with `--merge_adapter`; PEFT on the HF backend), and the JSON records how
+(`config.adapter_mode`).
 
 Confidence intervals (`ci95`, 95 %): questions are the independent units.
 - k = 1: Wilson score interval on n questions (`wilson_interval`).
@@ -712,6 +714,7 @@ def evaluate_gsm8k(
     prefill: str | None = None,
     reward: str = "answer",
     quant_format: str = "none",
+    merge_adapter: bool = False,
     dtype: str | torch.dtype = "auto",
     batch_size: int | None = None,
     seed: int = 0,
@@ -743,6 +746,8 @@ def evaluate_gsm8k(
         prefill: text every assistant reply starts with (CPU demo: `"<think>"`), rendered as in training.
         reward: correctness criterion (`CORRECTNESS_REWARDS`); numeric accuracy and format rate are always reported.
         quant_format: evaluate on the dequantized 4-bit round trip of the base (`load_dequantized_base`).
+        merge_adapter: vLLM only: merge the adapter in fp32 into a copy of the base instead of serving it as a
+            `LoRARequest` (the same model; on vLLM's CPU backend LoRA kernels are far slower than a merged model).
         dtype: model dtype (`"auto"`: the checkpoint's).
         batch_size: HF prompts per `generate` call (default 8); vLLM `max_num_seqs` when the engine is built here.
         seed: sampling seed (see the module docstring).
@@ -781,10 +786,14 @@ def evaluate_gsm8k(
         raise ValueError("Pass the tokenizer with an in-memory model")
     if llm is not None and backend != "vllm":
         raise ValueError("`llm` is a vLLM engine: use backend='vllm'")
+    if merge_adapter and backend != "vllm":
+        raise ValueError("merge_adapter applies to backend='vllm' (the HF backend applies the adapter with PEFT)")
 
     started = time.perf_counter()
     model_name = getattr(model, "name_or_path", type(model).__name__) if in_memory else model
     model_path, adapter = (None, adapter) if in_memory else resolve_model_and_adapter(model, adapter)
+    if merge_adapter and adapter is None:
+        raise ValueError("merge_adapter=True needs an adapter (--adapter, or a training output_dir as --model)")
     adapter_info = inspect_adapter(adapter) if adapter is not None else None
     if adapter_info is not None and adapter_info["lora_B_abs_sum"] == 0:
         logger.warning("Adapter %s has all-zero lora_B: it does not change the model (untrained?)", adapter)
@@ -830,10 +839,9 @@ def evaluate_gsm8k(
             from vllm.lora.request import LoRARequest
 
             lora_request = None
-            needs_copy = quant_format != "none" or (
-                adapter_info is not None and adapter_info["vllm_lora_unsupported"] is not None
-            )
-            merge = adapter_info is not None and adapter_info["vllm_lora_unsupported"] is not None
+            unsupported = adapter_info["vllm_lora_unsupported"] if adapter_info is not None else None
+            merge = adapter_info is not None and (merge_adapter or unsupported is not None)
+            needs_copy = quant_format != "none" or merge
             if needs_copy:
                 if llm is not None:
                     raise ValueError(
@@ -850,9 +858,8 @@ def evaluate_gsm8k(
                     tokenizer=tokenizer,
                 )
                 if merge:
-                    adapter_mode = (
-                        f"merged (fp32 merge; vLLM LoRA cannot serve {adapter_info['vllm_lora_unsupported']})"
-                    )
+                    reason = f"vLLM LoRA cannot serve {unsupported}" if unsupported else "--merge_adapter"
+                    adapter_mode = f"merged (fp32 merge; {reason})"
             if adapter_info is not None and not merge:
                 adapter_mode = "vllm_lora_request"
             if llm is None:
@@ -1047,6 +1054,10 @@ class EvaluationArguments:
     quant_format: str = field(
         default="none",
         metadata={"help": "Evaluate on the dequantized 4-bit base (as in training).", "choices": list(QUANT_FORMATS)},
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "vLLM: merge the adapter in fp32 into a copy of the base instead of a LoRARequest (CPU)."},
     )
     output: str = field(default="eval.json", metadata={"help": "Output JSON path."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16, float32."})

@@ -13,7 +13,7 @@ the whole assistant reply. `None` means "no reward defined" (TRL turns it into N
 | `answer`                    | `answer_reward`                    | 2.0               | QeRL (paper recipes)         |
 | `numeric_answer`            | `numeric_answer_reward`            | 2.0               | normalised-number variant    |
 | `math_verify`               | `math_verify_reward`               | 2.0 / None        | math-verify variant          |
-| `shaped_format`             | `shaped_format_reward`             | 0.05 per tag, 0.2 | CPU demo                     |
+| `shaped_format`             | `shaped_format_reward`             | 0.05 per tag, 0.2 | CPU demo (no placeholders)   |
 | `strict_numeric_format`     | `strict_numeric_format_reward`     | 0.2               | CPU demo, reward-hack guard  |
 | `answer_starts_with_number` | `answer_starts_with_number_reward` | 0.1               | CPU demo                     |
 
@@ -40,7 +40,6 @@ _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 # The placeholders of QeRL's system prompt (`<think> reasoning process here </think> <answer> answer here </answer>`
 # and the `...` skeleton). Copying them verbatim was the reward hack measured in the CPU demo.
 _TEMPLATE_PHRASES = ("reasoning process here", "answer here")
-_PLACEHOLDER_THINKING = {"", "...", "…", "reasoning process here"}
 _STARTS_WITH_NUMBER_RE = re.compile(r"[-+]?\$?\s*\d")
 
 
@@ -180,41 +179,58 @@ def math_verify_reward(completions: list, solution: list[str], **kwargs) -> list
     return rewards
 
 
+def _is_placeholder(content: str) -> bool:
+    """True for block content that says nothing: empty, punctuation only (`...`, `…`, `. . .`) or the system
+    prompt's template phrases (`reasoning process here`, `answer here`)."""
+    lowered = content.lower()
+    return not any(ch.isalnum() for ch in content) or any(phrase in lowered for phrase in _TEMPLATE_PHRASES)
+
+
 def shaped_format_reward(completions: list, solution: list[str] | None = None, **kwargs) -> list[float]:
-    """CPU demo: 0.05 for each of `<think>`, `</think>`, `<answer>`, `</answer>` found in this order (at most 0.2).
+    """CPU demo: 0.05 for each of `<think>`, `</think>`, `<answer>`, `</answer>` found in this order (at most 0.2);
+    a closing tag earns its 0.05 only if its block holds real content.
 
     The tags are searched one after the other, each after the previous match; a missing tag earns nothing and the
-    search for the next one continues from the same place. A small model that never writes QeRL's full format
-    (SmolLM2-135M: 0/512 samples) gets a gradient from partial formats. On its own it is hackable: copying the
-    system prompt's template earns the full 0.2; pair it with `strict_numeric_format_reward`.
+    search for the next one continues from the same place. `</think>` and `</answer>` pay only when the text between
+    them and their opening tag is not a placeholder (empty, punctuation only such as `...`, or the system prompt's
+    `reasoning process here` / `answer here`). A small model that never writes QeRL's full format (SmolLM2-135M:
+    0/512 samples) gets a gradient from partial formats, and the template skeleton the first CPU demo learned
+    (`<think> ... </think> <answer> ... </answer>`, 100 % of its replies after 30 steps) earns 0.1, not 0.2.
 
     Args:
         completions (`list`): conversational completions or strings.
         solution (`list[str]`, *optional*): unused.
-        **kwargs: other dataset columns; `prefill` is prepended to each reply (so a `<think>` prefill always earns
-            its 0.05, a constant that does not change GRPO advantages).
+        **kwargs: other dataset columns and trainer fields; `prefill` is prepended to each reply (so a `<think>`
+            prefill always earns its 0.05, a constant that does not change GRPO advantages).
 
     Returns:
         `list[float]`: a multiple of 0.05 in [0, 0.2] per completion.
 
     >>> shaped_format_reward(["<think> 48 / 2 = 24 </think> The answer is 72."])
     [0.1]
+    >>> shaped_format_reward(["<think> ... </think> <answer> ... </answer>"])
+    [0.1]
     """
     rewards = []
     for text in _completion_texts(completions, kwargs.get("prefill")):
-        position, found = 0, 0
+        position, found, block_start = 0, 0, None
         for tag in _TAGS:
             index = text.find(tag, position)
-            if index >= 0:
+            if index < 0:
+                block_start = None
+                continue
+            closing = tag.startswith("</")
+            if not closing or (block_start is not None and not _is_placeholder(text[block_start:index])):
                 found += 1
-                position = index + len(tag)
+            block_start = None if closing else index + len(tag)
+            position = index + len(tag)
         rewards.append(round(SHAPED_TAG_REWARD * found, 4))
     return rewards
 
 
 def _is_template_copy(thinking: str, text: str) -> bool:
     lowered = text.lower()
-    return " ".join(thinking.split()).lower() in _PLACEHOLDER_THINKING or any(p in lowered for p in _TEMPLATE_PHRASES)
+    return _is_placeholder(thinking) or any(phrase in lowered for phrase in _TEMPLATE_PHRASES)
 
 
 def strict_numeric_format_reward(completions: list, solution: list[str] | None = None, **kwargs) -> list[float]:
@@ -222,7 +238,7 @@ def strict_numeric_format_reward(completions: list, solution: list[str] | None =
 
     Requires a `<think>` block followed by an `<answer>` block (as `format_reward`) whose content is one plain number
     (`normalize_number` accepts it), and rejects copies of the system prompt's template: a reply scores 0.0 if its
-    thinking is empty or a placeholder (`...`, `reasoning process here`) or if it contains `reasoning process here`
+    thinking is a placeholder (empty, punctuation only such as `...`) or if it contains `reasoning process here`
     or `answer here` anywhere. This is the guard against the reward hack measured in the CPU demo, where the model
     learned to emit `<think> reasoning process here </think> <answer> answer here </answer>`.
 

@@ -348,6 +348,10 @@ def test_argument_errors(tiny_model_dir):
         evaluate_gsm8k(tiny_model_dir, backend="tgi")
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
         evaluate_gsm8k(tiny_model_dir, backend="hf", adapter=tiny_model_dir)
+    with pytest.raises(ValueError, match="merge_adapter=True needs an adapter"):
+        evaluate_gsm8k(tiny_model_dir, backend="vllm", merge_adapter=True)
+    with pytest.raises(ValueError, match="merge_adapter applies to backend='vllm'"):
+        evaluate_gsm8k(tiny_model_dir, backend="hf", merge_adapter=True)
 
 
 @require_gsm8k
@@ -374,3 +378,7 @@ def test_quantized_base_on_both_backends(tiny_model_dir, adapter_dir, hf_results
     assert vllm["config"]["adapter_mode"] == "vllm_lora_request"  # LoRA served on top of the dequantized copy
     assert _completions(vllm) == _completions(hf)
     assert _completions(hf) != _completions(hf_results[1])  # the 4-bit base changes the outputs
+    # --merge_adapter (the CPU route for a demo adapter): merged into the dequantized copy, same policy.
+    merged = evaluate_gsm8k(tiny_model_dir, backend="vllm", max_model_len=512, merge_adapter=True, **common)
+    assert merged["config"]["adapter_mode"] == "merged (fp32 merge; --merge_adapter)"
+    assert _completions(merged) == _completions(hf)

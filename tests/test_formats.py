@@ -14,6 +14,7 @@ from qerl_repro.quantization import (
     MXFP4_SCALE_MODES,
     deadzone_fraction,
     dequantize,
+    decode_packed_fp4,
     e2m1_decode,
     e2m1_encode,
     e2m1_round,
@@ -152,6 +153,15 @@ def test_pack_fp4_low_nibble_first(codes, packed):
     codes_t = torch.tensor(codes, dtype=torch.uint8)
     assert pack_fp4(codes_t).tolist() == packed
     assert unpack_fp4(pack_fp4(codes_t)).tolist() == codes
+
+
+def test_decode_packed_fp4_covers_every_byte():
+    packed = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    values = decode_packed_fp4(packed)
+    assert values.shape == (4, 128) and values.dtype == torch.float32
+    assert torch.equal(values, e2m1_decode(unpack_fp4(packed)))
+    helpers = pytest.importorskip("compressed_tensors.compressors.nvfp4.helpers")  # independent reference
+    assert torch.equal(helpers.unpack_fp4_from_uint8(packed, 4, 128, dtype=torch.float32), values)
 
 
 def test_pack_fp4_rejects_odd_length():

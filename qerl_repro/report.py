@@ -451,6 +451,14 @@ class ReportArguments:
         default=None,
         metadata={"help": "Print (and save as <run>/summary.json) the summary of one run folder instead."},
     )
+    compare_seeds: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Two or more run folders of the same recipe with different seeds: per-run reward trends and the "
+            "run-to-run noise (written to --output as JSON when given).",
+            "nargs": "+",
+        },
+    )
 
 
 def _window_stats(values: list[float]) -> dict:
@@ -503,6 +511,33 @@ def run_summary(run_dir: str, window: int = 10) -> dict:
     return summary
 
 
+def compare_seed_runs(summaries: list[dict]) -> dict:
+    """The learning signal of a recipe run with several seeds, against the run-to-run noise.
+
+    Each summary is a `run_summary` with a `reward_trend`. The signal of a run is its last-window minus first-window
+    mean reward. The run-to-run noise is the largest gap between two runs' window means at the same position (first
+    window or last window): how much the same recipe's reward moves when only the seed changes. The signal exceeds the
+    noise when even the smallest per-run difference is larger than that gap.
+    """
+    trends = [summary.get("reward_trend") for summary in summaries]
+    if len(summaries) < 2 or any(trend is None for trend in trends):
+        raise ValueError("compare_seed_runs needs at least two runs, each with a reward trend (>= 2 x window steps)")
+    firsts = [trend["first"]["mean"] for trend in trends]
+    lasts = [trend["last"]["mean"] for trend in trends]
+    differences = [trend["difference"] for trend in trends]
+    noise = max(max(firsts) - min(firsts), max(lasts) - min(lasts))
+    return {
+        "runs": [summary["run_dir"] for summary in summaries],
+        "first_window_means": firsts,
+        "last_window_means": lasts,
+        "differences": differences,
+        "mean_difference": sum(differences) / len(differences),
+        "run_to_run_noise": noise,
+        "signal_exceeds_noise": min(differences) > noise,
+        "noise_definition": "largest gap between runs' window means at the same position (first or last window)",
+    }
+
+
 def format_run_summary(summary: dict) -> str:
     lines = [f"Run: {summary['run_dir']}", "", "| metric | value |", "|---|---|"]
 
@@ -546,6 +581,15 @@ def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.compare_seeds:
+        comparison = compare_seed_runs([run_summary(run_dir) for run_dir in args.compare_seeds])
+        text = json.dumps(comparison, indent=2)
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        print(text)
+        return text
     if args.summary:
         summary = run_summary(args.summary)
         with open(os.path.join(args.summary, "summary.json"), "w") as f:

@@ -243,3 +243,44 @@ def test_run_summary_reward_trend_and_evals(tmp_path):
     assert summary["eval_after"]["n"] == 50 and "eval_before" not in summary
     text = format_run_summary(summary)
     assert "0.100 -> 0.550" in text and "60-60" in text
+
+
+def _write_rewards(run_dir, rewards):
+    os.makedirs(run_dir, exist_ok=True)
+    history = [{"step": i + 1, "loss": 0.0, "reward": r} for i, r in enumerate(rewards)]
+    with open(os.path.join(run_dir, "trainer_state.json"), "w") as f:
+        json.dump({"log_history": history}, f)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "rewards_a, rewards_b, noise, exceeds",
+    [
+        # both seeds rise by 0.3; window means differ by at most 0.05 between seeds
+        ([0.1] * 10 + [0.4] * 10, [0.15] * 10 + [0.45] * 10, 0.05, True),
+        # one seed rises by 0.1, the other by 0.3: the last windows differ by 0.2 > 0.1
+        ([0.1] * 10 + [0.2] * 10, [0.1] * 10 + [0.4] * 10, 0.2, False),
+        # flat runs at different levels: no signal
+        ([0.1] * 20, [0.3] * 20, 0.2, False),
+    ],
+)
+def test_compare_seed_runs(tmp_path, rewards_a, rewards_b, noise, exceeds):
+    from qerl_repro.report import main
+
+    run_a = _write_rewards(str(tmp_path / "a"), rewards_a)
+    run_b = _write_rewards(str(tmp_path / "b"), rewards_b)
+    output = str(tmp_path / "seeds.json")
+    main(["--compare_seeds", run_a, run_b, "--output", output])
+    with open(output) as f:
+        comparison = json.load(f)
+    assert comparison["runs"] == [run_a, run_b]
+    assert comparison["run_to_run_noise"] == pytest.approx(noise)
+    assert comparison["signal_exceeds_noise"] is exceeds
+
+
+def test_compare_seed_runs_needs_two_trends(tmp_path):
+    from qerl_repro.report import compare_seed_runs, run_summary
+
+    short = run_summary(_write_rewards(str(tmp_path / "short"), [0.1] * 5))
+    with pytest.raises(ValueError, match="at least two runs"):
+        compare_seed_runs([short, short])

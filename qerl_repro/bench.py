@@ -15,6 +15,8 @@ Quantization benches:
   one LoRA forward+backward step on an NVFP4 vs a bf16 base, each in a fresh subprocess.
 - `fake_quantize_speed`: elements/s of `qerl_repro.quantization.fake_quantize` vs torchao's reference
   (quantize + dequantize) on a 4096x4096 bf16 tensor, medians over repeats.
+- `dequantize_speed`: `FP4Linear`'s per-forward NVFP4 dequantization (packed-byte table vs nibble decode) on SmolLM2's
+  largest Linear shape, and its share of that layer's forward+backward on a demo micro-batch.
 """
 
 from __future__ import annotations
@@ -299,6 +301,51 @@ def fake_quantize_speed(repeats: int = 5) -> dict:
         f"{label}_ours>=torchao": results[label]["speed_ratio_ours_vs_torchao"] >= 1 for label in cases
     }
     return results
+
+
+@register_bench("dequantize_speed")
+def dequantize_speed(repeats: int = 11) -> dict:
+    """`FP4Linear`'s per-forward dequantization: packed-byte table (`decode_packed_fp4`) vs nibble unpack + decode.
+
+    On SmolLM2's largest Linear shape (1536 x 576, bf16, NVFP4), and its share of one LoRA-free forward+backward of a
+    batch of 8 x 330 tokens (a demo micro-batch) through that layer.
+    """
+    from qerl_repro.quantization import formats
+    from qerl_repro.quantization.linear import FP4Linear
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(576, 1536, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(0.02 * torch.randn(linear.weight.shape, generator=generator))
+    layer = FP4Linear.from_linear(linear, "nvfp4")
+    q = layer.quantized
+
+    def nibble_path():
+        values = formats.e2m1_decode(formats.unpack_fp4(q.packed)).reshape(1536, 576 // 16, 16)
+        return formats._nvfp4_dequantize_values(values, q.block_scale, q.per_tensor_scale).to(q.dtype).reshape(q.shape)
+
+    table_s, table_out = _median_seconds(lambda: formats.dequantize(q), repeats)
+    nibble_s, nibble_out = _median_seconds(nibble_path, repeats)
+    x = torch.randn(8 * 330, 576, generator=generator).to(torch.bfloat16).requires_grad_()
+
+    def forward_backward():
+        layer(x).sum().backward()
+        return x.grad
+
+    step_s, _ = _median_seconds(forward_backward, max(3, repeats // 2))
+    return {
+        "shape": [1536, 576],
+        "dtype": "bfloat16",
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "byte_table_median_s": table_s,
+        "nibble_decode_median_s": nibble_s,
+        "speed_ratio_table_vs_nibble": nibble_s / table_s,
+        "outputs_bit_identical": bool(torch.equal(table_out, nibble_out)),
+        "fp4_forward_backward_median_s": step_s,
+        "dequant_share_of_forward_backward": 2 * table_s / step_s,  # forward and backward each dequantize once
+        "checks": {"table>=nibble": nibble_s >= table_s},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------

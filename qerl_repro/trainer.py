@@ -128,6 +128,31 @@ def _vllm_generation_class(cls):
         grpo_trainer_module.VLLMGeneration = original
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextmanager
+def _quiet_model_init_kwargs_warning(loaded_here: bool):
+    """GRPOTrainer warns that `model_init_kwargs` "will be ignored" when given a model instance. When QeRLTrainer
+    loaded the (quantized) base from a path itself, it did use them: drop that one misleading message."""
+    if not loaded_here:
+        yield
+        return
+    grpo_logger = logging.getLogger(grpo_trainer_module.__name__)
+    message_filter = _DropMessages("You passed `model_init_kwargs` to the `GRPOConfig`, but your model is already")
+    grpo_logger.addFilter(message_filter)
+    try:
+        yield
+    finally:
+        grpo_logger.removeFilter(message_filter)
+
+
 def prepare_base_model(model, args: QeRLConfig):
     """Return the model GRPOTrainer should train: quantized to `args.quant_format` unless it already is."""
     if args.quant_format == "none":
@@ -175,11 +200,12 @@ class QeRLTrainer(GRPOTrainer):
             args = QeRLConfig(f"{str(name).split('/')[-1]}-QeRL")
         if not isinstance(args, QeRLConfig):
             raise TypeError(f"QeRLTrainer needs a QeRLConfig, got {type(args).__name__}.")
+        loaded_here = isinstance(model, str) and args.quant_format != "none"
         model = prepare_base_model(model, args)
         generation_class = type(
             "QeRLVLLMGeneration", (QeRLVLLMGeneration,), {"enforce_eager": args.vllm_enforce_eager}
         )
-        with _vllm_generation_class(generation_class):
+        with _vllm_generation_class(generation_class), _quiet_model_init_kwargs_warning(loaded_here):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         ddp_ignore_quantized_buffers_(self.model)
         self._aqn_last = {"aqn/sigma": 0.0, "aqn/stage": 0, "aqn/num_noised_modules": 0}

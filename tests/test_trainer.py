@@ -200,3 +200,24 @@ class TestResume:
         assert len(resumed_noise) == 2 * len(full_noise) // 4
         for a, b in zip(resumed_noise, full_noise[len(full_noise) // 2 :]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loaded_here", [True, False])
+def test_model_init_kwargs_warning_dropped_only_when_we_loaded_the_base(loaded_here, caplog):
+    # GRPOTrainer warns that model_init_kwargs "will be ignored" for a model instance; QeRLTrainer used them to load
+    # and quantize the base, so it drops that one message, and only then.
+    import logging
+
+    import trl.trainer.grpo_trainer as grpo_trainer_module
+
+    from qerl_repro.trainer import _quiet_model_init_kwargs_warning
+
+    grpo_logger = logging.getLogger(grpo_trainer_module.__name__)
+    misleading = "You passed `model_init_kwargs` to the `GRPOConfig`, but your model is already instantiated."
+    with caplog.at_level(logging.WARNING, logger=grpo_logger.name), _quiet_model_init_kwargs_warning(loaded_here):
+        grpo_logger.warning(misleading)
+        grpo_logger.warning("another warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert "another warning" in messages
+    assert (misleading in messages) is not loaded_here
+    assert not grpo_logger.filters  # the filter is removed afterwards

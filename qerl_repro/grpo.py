@@ -8,6 +8,7 @@ eval at step 0 -> train -> save -> model card -> final eval -> plots -> push.
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -59,6 +60,9 @@ class QeRLScriptArguments(ScriptArguments):
             Also evaluate every this many steps (`eval_step_<N>.json`, logged as `gsm8k/accuracy`); 0 disables.
         plots (`bool`, *optional*, defaults to `True`):
             Write PNG training curves to `<output_dir>/plots`.
+        recipe_config (`str`, *optional*):
+            The YAML the run was configured from; `parse_recipe_args` sets it, and the run copies the file to
+            `<output_dir>/recipe.yaml` (so checkpoints and Hub pushes carry their recipe).
     """
 
     dataset_name: str | None = field(default="openai/gsm8k", metadata={"help": "Hub dataset of GSM8K."})
@@ -82,6 +86,9 @@ class QeRLScriptArguments(ScriptArguments):
     eval_at_end: bool = field(default=True, metadata={"help": "Evaluate after the last step."})
     gsm8k_eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: never)."})
     plots: bool = field(default=True, metadata={"help": "Write PNG training curves."})
+    recipe_config: str | None = field(
+        default=None, metadata={"help": "The run's YAML (set from --config); copied to <output_dir>/recipe.yaml."}
+    )
 
     def __post_init__(self):
         if self.eval_num_samples < 1:
@@ -110,8 +117,11 @@ def parse_recipe_args(recipe_file: str, argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", default_recipe_config(recipe_file), *argv]
+    config_path = argv[argv.index("--config") + 1]
     try:
-        return make_parser().parse_args_and_config(args=argv)
+        script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+        script_args.recipe_config = script_args.recipe_config or config_path
+        return script_args, training_args, model_args
     except ValueError as exc:
         if "bf16/gpu" not in str(exc):
             raise
@@ -224,6 +234,11 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
         logger.warning(f"Checkpoint detected, resuming training at {last_checkpoint}.")
     resume_from = training_args.resume_from_checkpoint or last_checkpoint
+
+    # The recipe next to the weights (a push or a copied checkpoint folder says how it was trained)
+    if script_args.recipe_config and training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        shutil.copyfile(script_args.recipe_config, os.path.join(training_args.output_dir, "recipe.yaml"))
 
     # Data
     data_kwargs = dict(

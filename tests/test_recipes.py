@@ -116,6 +116,8 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_model_dir, tmp_di
     with open(os.path.join(tmp_dir, "README.md")) as f:
         card = f.read()
     assert "2510.11696" in card and "Command to reproduce" in card
+    with open(os.path.join(tmp_dir, "recipe.yaml")) as copied, open(config) as original:
+        assert copied.read() == original.read()  # the recipe travels with the weights
     if recipe != "gsm8k_bf16_full":
         assert os.path.exists(os.path.join(tmp_dir, "adapter_config.json"))
 

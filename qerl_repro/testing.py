@@ -118,3 +118,16 @@ def tiny_args(config_cls, tmp_dir, **overrides):
 
 def lora_config():
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def tiny_trainer(trainer_cls, model, tokenizer, args, **kwargs):
+    """`trainer_cls` (GRPOTrainer or QeRLTrainer) on `tiny_dataset` with `length_reward` and `lora_config`."""
+    return trainer_cls(
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=tiny_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        **kwargs,
+    )

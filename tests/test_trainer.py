@@ -11,7 +11,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from qerl_repro import QeRLConfig, QeRLTrainer
 from qerl_repro.noise import aqn_noise, aqn_sigma
-from qerl_repro.testing import length_reward, lora_config, tiny_args, tiny_dataset
+from qerl_repro.testing import tiny_args, tiny_trainer
 
 
 def load(tiny_model_dir, dtype=torch.float32):
@@ -21,19 +21,6 @@ def load(tiny_model_dir, dtype=torch.float32):
 
 
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "total_flos")
-
-
-def qerl_trainer(model, tokenizer, args, **kwargs):
-    """QeRLTrainer on the tiny dataset with the length reward and a LoRA adapter."""
-    return QeRLTrainer(
-        model=model,
-        reward_funcs=length_reward,
-        args=args,
-        train_dataset=tiny_dataset(),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
-        **kwargs,
-    )
 
 
 def _comparable(log_history):
@@ -75,14 +62,7 @@ class TestEquivalenceWithGRPOTrainer:
         for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (QeRLTrainer, QeRLConfig)):
             model, tokenizer = load(tiny_model_dir)
             args = tiny_args(config_cls, str(tmp_path / trainer_cls.__name__))
-            trainer = trainer_cls(
-                model=model,
-                reward_funcs=length_reward,
-                args=args,
-                train_dataset=tiny_dataset(),
-                processing_class=tokenizer,
-                peft_config=lora_config(),
-            )
+            trainer = tiny_trainer(trainer_cls, model, tokenizer, args)
             trainer.train()
             results.append((trainer.state.log_history, dict(trainer.model.named_parameters())))
         (grpo_logs, grpo_params), (qerl_logs, qerl_params) = results
@@ -115,7 +95,7 @@ class TestAQNOnHFGenerate:
         args = tiny_args(
             QeRLConfig, tmp_dir, quant_format="nvfp4", aqn=True, aqn_sigma_start=0.1, aqn_sigma_end=0.01, max_steps=4
         )
-        trainer = qerl_trainer(model, tokenizer, args)
+        trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
         norm = trainer.model.base_model.model.model.layers[0].input_layernorm
         recorder = NormRecorder(norm)
         trainer.train()
@@ -141,7 +121,7 @@ class TestAQNOnHFGenerate:
         model, tokenizer = load(tiny_model_dir)
         clean = model.model.layers[1].post_attention_layernorm.weight.detach().clone()
         args = tiny_args(QeRLConfig, tmp_dir, quant_format="nvfp4", aqn=True, max_steps=2, aqn_seed=123)
-        trainer = qerl_trainer(model, tokenizer, args)
+        trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
         norm = trainer.model.base_model.model.model.layers[1].post_attention_layernorm
         recorder = NormRecorder(norm)
         trainer.train()
@@ -175,7 +155,7 @@ class TestResume:
                 save_strategy="steps",
                 save_steps=2,
             )
-            trainer = qerl_trainer(model, tokenizer, args, callbacks=list(callbacks))
+            trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args, callbacks=list(callbacks))
             norm = trainer.model.base_model.model.model.layers[0].input_layernorm
             recorder = NormRecorder(norm)
             trainer.train(resume_from_checkpoint=resume)

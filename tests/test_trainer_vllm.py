@@ -16,7 +16,7 @@ from qerl_repro import QeRLConfig, QeRLTrainer
 from qerl_repro.noise import aqn_noise, aqn_sigma
 from qerl_repro.quantization import fake_quantize
 from qerl_repro.quantization.formats import nvfp4_per_tensor_scale
-from qerl_repro.testing import length_reward, lora_config, tiny_args, tiny_dataset
+from qerl_repro.testing import tiny_args, tiny_trainer
 
 
 pytestmark = pytest.mark.skipif(not is_vllm_available(), reason="test requires vllm")
@@ -48,14 +48,7 @@ def vllm_run(tiny_model_dir, tmp_path_factory):
         vllm_max_model_length=128,
         vllm_gpu_memory_utilization=0.1,
     )
-    trainer = QeRLTrainer(
-        model=model,
-        reward_funcs=length_reward,
-        args=args,
-        train_dataset=tiny_dataset(),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
-    )
+    trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
     records = []
     hook = trainer.vllm_generation.post_sync_hook
 

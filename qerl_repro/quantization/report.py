@@ -70,6 +70,11 @@ def layer_error_stats(weight: torch.Tensor, weight_hat: torch.Tensor) -> dict:
     nonzero = w != 0
     num_nonzero = int(nonzero.sum())
     num_zeroed = int((nonzero & (weight_hat == 0)).sum())
+    return _metrics_from_sums(sum_sq_weight, sum_sq_error, num_nonzero, num_zeroed)
+
+
+def _metrics_from_sums(sum_sq_weight: float, sum_sq_error: float, num_nonzero: int, num_zeroed: int) -> dict:
+    """Relative Frobenius error, SQNR and deadzone from the error sums (of one layer or summed over layers)."""
     rel = _rel(sum_sq_error, sum_sq_weight)
     return {
         "rel_frobenius": rel,
@@ -83,21 +88,14 @@ def layer_error_stats(weight: torch.Tensor, weight_hat: torch.Tensor) -> dict:
 
 
 def _aggregate(layers: list[dict]) -> dict:
-    sum_sq_weight = sum(layer["sum_sq_weight"] for layer in layers)
-    sum_sq_error = sum(layer["sum_sq_error"] for layer in layers)
-    num_nonzero = sum(layer["num_nonzero"] for layer in layers)
-    num_zeroed = sum(layer["num_zeroed"] for layer in layers)
-    rel = _rel(sum_sq_error, sum_sq_weight)
+    sums = {
+        key: sum(layer[key] for layer in layers)
+        for key in ("sum_sq_weight", "sum_sq_error", "num_nonzero", "num_zeroed")
+    }
     return {
         "num_layers": len(layers),
         "num_params": sum(layer["numel"] for layer in layers),
-        "rel_frobenius": rel,
-        "sqnr_db": _sqnr(rel),
-        "deadzone": num_zeroed / num_nonzero if num_nonzero else float("nan"),
-        "sum_sq_weight": sum_sq_weight,
-        "sum_sq_error": sum_sq_error,
-        "num_nonzero": num_nonzero,
-        "num_zeroed": num_zeroed,
+        **_metrics_from_sums(**sums),
     }
 
 

@@ -8,6 +8,7 @@ from trl import GRPOConfig
 
 QUANT_FORMATS = ("none", "nvfp4", "mxfp4", "nf4")
 AQN_SCHEDULES = ("qerl_code", "paper")
+ADAPTER_SYNC_MODES = ("auto", "unmerged", "merged")
 
 
 @dataclass
@@ -51,6 +52,23 @@ class QeRLConfig(GRPOConfig):
             Also perturb Qwen3-style per-head `q_norm` / `k_norm`.
         aqn_allow_unquantized (`bool`, *optional*, defaults to `False`):
             Allow AQN on a high-precision base (the BF16 + AQN ablation requested in QeRL issue #11).
+        train_norms (`bool`, *optional*, defaults to `False`):
+            Also train the RMSNorm weights of every decoder block (QeRL's `--ln True`: PEFT `modules_to_save` for
+            `input_layernorm` and the MLP-input norm). They are kept in fp32 (the norm's output is cast back to its
+            input dtype), synced to the rollout engine at every step, and AQN is added on top of the trained values.
+
+        > Parameters that control how the rollout engine receives the policy
+
+        vllm_adapter_sync (`str`, *optional*, defaults to `"auto"`):
+            `"unmerged"`: the engine keeps the (dequantized, or on GPUs FP4-exported) base and receives the LoRA adapter
+            at every sync as a new vLLM `LoRARequest`, as QeRL served it: no update is lost to rounding. `"merged"`:
+            TRL's way, `base + B @ A` merged (in fp32, then cast to the engine dtype) into the engine's weights; fast,
+            but in a bf16 engine every update element below half a bf16 step of its weight is lost (watch
+            `sync/update_lost_frac`). `"auto"`: unmerged in colocate mode, merged in server mode (TRL's server has no
+            LoRA path).
+        sync_fidelity_rows (`int`, *optional*, defaults to `64`):
+            Rows sampled per probed layer (o_proj and down_proj of the first, middle and last blocks) for the
+            `sync/update_lost_frac` metric logged at every step; 0 disables it.
         vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
             Run the colocated vLLM engine eagerly (no torch.compile / CUDA graphs). `None`: eager on vLLM's CPU backend
             (compiled graphs recompiled as shapes changed and ran slower there), compiled elsewhere.
@@ -94,6 +112,23 @@ class QeRLConfig(GRPOConfig):
     aqn_allow_unquantized: bool = field(
         default=False, metadata={"help": "Allow AQN on a high-precision base (BF16 + AQN ablation)."}
     )
+    train_norms: bool = field(
+        default=False,
+        metadata={"help": "Also train the decoder blocks' RMSNorm weights (QeRL's --ln), kept in fp32."},
+    )
+
+    # Parameters that control how the rollout engine receives the policy
+    vllm_adapter_sync: str = field(
+        default="auto",
+        metadata={
+            "help": "How the vLLM engine gets the LoRA policy: unmerged adapter (QeRL), merged weights (TRL), or auto "
+            "(unmerged in colocate mode, merged in server mode).",
+            "choices": list(ADAPTER_SYNC_MODES),
+        },
+    )
+    sync_fidelity_rows: int = field(
+        default=64, metadata={"help": "Rows sampled per probed layer for sync/update_lost_frac; 0 disables it."}
+    )
     vllm_enforce_eager: bool | None = field(
         default=None, metadata={"help": "Run the colocated vLLM engine eagerly; None: eager on CPU only."}
     )
@@ -118,11 +153,29 @@ class QeRLConfig(GRPOConfig):
             raise ValueError(
                 f"aqn_num_stages={self.aqn_num_stages} must be >= 3 (one noise-free stage and a decay over K-2 steps)."
             )
+        if self.vllm_adapter_sync not in ADAPTER_SYNC_MODES:
+            raise ValueError(
+                f"vllm_adapter_sync={self.vllm_adapter_sync!r} is not one of {list(ADAPTER_SYNC_MODES)}."
+            )
+        if self.vllm_adapter_sync == "unmerged" and self.use_vllm and self.vllm_mode != "colocate":
+            raise ValueError(
+                "vllm_adapter_sync='unmerged' needs vllm_mode='colocate' (TRL's vLLM server client has no LoRA "
+                "path); use 'merged' or 'auto' in server mode."
+            )
+        if self.sync_fidelity_rows < 0:
+            raise ValueError(f"sync_fidelity_rows={self.sync_fidelity_rows} must be >= 0 (0 disables the metric).")
         if self.aqn and self.quant_format == "none" and not self.aqn_allow_unquantized:
             raise ValueError(
                 "aqn=True with quant_format='none': QeRL adds noise only on a quantized base. Pick a quant_format "
                 "('nvfp4', 'mxfp4', 'nf4') or set aqn_allow_unquantized=True for the BF16 + AQN ablation."
             )
+
+    @property
+    def resolved_adapter_sync(self) -> str:
+        """`vllm_adapter_sync` with `"auto"` resolved: unmerged in colocate mode, merged in server mode."""
+        if self.vllm_adapter_sync != "auto":
+            return self.vllm_adapter_sync
+        return "unmerged" if self.vllm_mode == "colocate" else "merged"
 
     @property
     def aqn_noise_seed(self) -> int:

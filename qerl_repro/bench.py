@@ -190,16 +190,22 @@ def lora_step_peak_rss(quant_format: str, model_path: str, batch_size: int = 1, 
     }
 
 
-def _run_worker(quant_format: str, model_path: str) -> dict:
+def run_in_subprocess(module: str, function: str, *args) -> dict:
+    """`module.function(*args)` in a fresh Python process (its own memory: a vLLM engine or a clean peak RSS); the
+    function returns a JSON-serialisable dict."""
     code = (
-        "import json, sys; from qerl_repro.bench import lora_step_peak_rss; "
-        f"print('QERL_BENCH_RESULT=' + json.dumps(lora_step_peak_rss({quant_format!r}, {model_path!r})))"
+        f"import json; from {module} import {function}; "
+        f"print('QERL_BENCH_RESULT=' + json.dumps({function}(*{args!r})))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("QERL_BENCH_RESULT="):
             return json.loads(line.removeprefix("QERL_BENCH_RESULT="))
-    raise RuntimeError(f"memory worker ({quant_format}) failed:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"bench worker {function}{args} failed:\n{proc.stderr[-3000:]}")
+
+
+def _run_worker(quant_format: str, model_path: str) -> dict:
+    return run_in_subprocess("qerl_repro.bench", "lora_step_peak_rss", quant_format, model_path)
 
 
 @register_bench("smollm2_memory")

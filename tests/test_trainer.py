@@ -201,3 +201,19 @@ def test_model_init_kwargs_warning_dropped_only_when_we_loaded_the_base(loaded_h
     assert "another warning" in messages
     assert (misleading in messages) is not loaded_here
     assert not grpo_logger.filters  # the filter is removed afterwards
+
+
+@pytest.mark.parametrize("quant_format", ["nf4", "nvfp4", "none"])
+def test_lora_is_fp32_and_moves_at_the_paper_lr_on_every_base(quant_format, tiny_bf16_model_dir, tmp_dir):
+    """Trap 10: TRL casts a 4-bit (NF4) model's adapter to bf16, where most AdamW steps at lr 1e-5 round away."""
+    args = tiny_args(QeRLConfig, tmp_dir, quant_format=quant_format, learning_rate=1e-5, max_steps=5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bf16_model_dir)
+    model = tiny_bf16_model_dir if quant_format == "nf4" else AutoModelForCausalLM.from_pretrained(tiny_bf16_model_dir)
+    trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
+    lora = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    before = {n: p.detach().clone() for n, p in lora.items() if "lora_A" in n}
+    trainer.train()
+    moved = sum((lora[n] != b).sum().item() for n, b in before.items())
+    total = sum(b.numel() for b in before.values())
+    assert moved / total >= 0.99, moved / total

@@ -21,7 +21,7 @@ from qerl_repro.noise import aqn_noise, aqn_sigma, find_norm_modules
 from qerl_repro.quantization import fake_quantize
 from qerl_repro.quantization.formats import nvfp4_per_tensor_scale
 from qerl_repro.quantization.linear import dequantized_weight
-from qerl_repro.testing import tiny_args, tiny_trainer
+from qerl_repro.testing import tiny_args, tiny_dataset, tiny_trainer
 
 
 pytestmark = pytest.mark.skipif(not is_vllm_available(), reason="test requires vllm")
@@ -41,7 +41,7 @@ class EngineRecorder:
     """Forward pre-hooks on the engine's modules: what they compute with, the first time each runs in a step."""
 
     def __init__(self, trainer):
-        self.trainer, self.norms, self.lora_slots = trainer, {}, {}
+        self.trainer, self.norms, self.eval_norms, self.lora_slots = trainer, {}, {}, {}
         engine = trainer.vllm_generation.engine_model
         for name, module in find_norm_modules(engine, include_final_norm=True).items():
             module.register_forward_pre_hook(self._norm_hook(name))
@@ -51,7 +51,13 @@ class EngineRecorder:
 
     def _norm_hook(self, name):
         def hook(module, args):
-            self.norms.setdefault(self.trainer.state.global_step, {}).setdefault(name, module.weight.detach().clone())
+            if self.trainer.model.training:
+                self.norms.setdefault(self.trainer.state.global_step, {}).setdefault(
+                    name, module.weight.detach().clone()
+                )
+            else:  # evaluation rollouts
+                step_norms = self.eval_norms.setdefault(self.trainer.state.global_step, {})
+                step_norms.setdefault(name, module.weight.detach().clone())
 
         return hook
 
@@ -60,7 +66,7 @@ class EngineRecorder:
         self.lora_slots.setdefault(self.trainer.state.global_step, slot)
 
 
-def _train(model_dir, output_dir, adapter_sync, **overrides):
+def _train(model_dir, output_dir, adapter_sync, trainer_kwargs=None, **overrides):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     settings = dict(
@@ -78,7 +84,9 @@ def _train(model_dir, output_dir, adapter_sync, **overrides):
         vllm_adapter_sync=adapter_sync,
     )
     settings.update(overrides)
-    trainer = tiny_trainer(QeRLTrainer, model, tokenizer, tiny_args(QeRLConfig, output_dir, **settings))
+    trainer = tiny_trainer(
+        QeRLTrainer, model, tokenizer, tiny_args(QeRLConfig, output_dir, **settings), **(trainer_kwargs or {})
+    )
     recorder = EngineRecorder(trainer)
     trainer.train()
     return trainer, recorder
@@ -156,7 +164,7 @@ def _greedy(trainer, text, max_tokens=8):
 
 def _hf_logprobs(model, prompt_ids, tokens, disable_adapter=False):
     ids = torch.tensor([prompt_ids + tokens])
-    with torch.no_grad(), (model.disable_adapter() if disable_adapter else nullcontext()):
+    with torch.no_grad(), model.disable_adapter() if disable_adapter else nullcontext():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
     return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
@@ -295,3 +303,35 @@ def test_trained_norms_are_fp32_and_reach_the_engine_under_the_noise(norms_run):
     logged = _step_logs(trainer)
     assert all("sync/norm_update_lost_frac" in entry for entry in logged)
     assert logged[-1]["sync/norm_update_lost_frac"] < 0.5  # lr 1e-2: most of the norm update reaches a bf16 engine
+
+
+# ---- TRL's own evaluation (eval_strategy) runs on the clean engine -------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_run(tiny_bf16_model_dir, tmp_path_factory):
+    return _train(
+        tiny_bf16_model_dir,
+        str(tmp_path_factory.mktemp("eval")),
+        "unmerged",
+        trainer_kwargs={"eval_dataset": tiny_dataset(3)},
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=3,
+    )
+
+
+def test_trl_evaluation_rollouts_are_clean_and_training_rollouts_keep_the_noise(eval_run):
+    """TRL evaluates at the end of a step; its generate syncs the next step's policy (our hook noises it). The eval
+    rollouts must see the clean norms, and the training rollouts of that next step (no new sync) its noise."""
+    trainer, recorder = eval_run
+    clean = load_file(os.path.join(trainer.model.name_or_path, "model.safetensors"))
+    noisy_eval_steps = 0
+    for step in range(1, MAX_STEPS):
+        sigma = aqn_sigma(step, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
+        assert step in recorder.eval_norms, step  # evaluated after every step
+        for index, name in enumerate(TARGETS):
+            reference = clean[f"{name}.weight"]
+            assert torch.equal(recorder.eval_norms[step][name], reference), (step, name)
+            noise = aqn_noise(reference.shape, sigma, seed=42, step=step, index=index)
+            assert torch.equal(recorder.norms[step][name], (reference.float() + noise).to(reference.dtype))
+        noisy_eval_steps += sigma > 0
+    assert noisy_eval_steps >= 4  # the clean-eval check ran at steps whose training rollouts were noised

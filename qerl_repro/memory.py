@@ -1,0 +1,146 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""Memory arithmetic of the paper-scale runs: rollout-engine weights and KV cache at QeRL's `vllm_gpu_memory_utilization`
+(0.2 for 3B, 0.3 for 7B), and the trainer's weights, for a bf16 vs a 4-bit base.
+
+    python -m qerl_repro.memory            # the README table (80 GB GPU)
+
+Pure arithmetic from the models' config values (no download). What it leaves out, and says so: activation memory of
+training (batch and checkpointing dependent), vLLM's activation/profiling reserve (an assumed 2 GB), CUDA context and
+CUDA graphs.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+
+GB = 1e9
+FORMAT_BITS = {"bf16": 16.0, "nvfp4": 4.0 + 8.0 / 16, "mxfp4": 4.0 + 8.0 / 32, "nf4": 4.0 + 32.0 / 64}
+"""Bits per base Linear weight: codes plus block scales (NVFP4: E4M3 per 16; MXFP4: E8M0 per 32; NF4: an absmax per
+64, bitsandbytes' double quantization not counted)."""
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The config values that set a Qwen2/Llama decoder's parameter count and KV-cache size."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool = True  # Qwen2: q/k/v have biases
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """`(in, out)` of every Linear of one decoder block (q, k, v, o, gate, up, down)."""
+        h, kv, i = self.hidden_size, self.num_key_value_heads * self.head_dim, self.intermediate_size
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    def block_linear_params(self) -> int:
+        return self.num_hidden_layers * sum(a * b for a, b in self.linear_shapes())
+
+    def other_params(self) -> int:
+        """Embeddings, lm_head (unless tied), norms and q/k/v biases: kept in high precision."""
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
+        kv = self.num_key_value_heads * self.head_dim
+        biases = self.num_hidden_layers * (self.hidden_size + 2 * kv) if self.attention_bias else 0
+        return embed + norms + biases
+
+    def total_params(self) -> int:
+        return self.block_linear_params() + self.other_params()
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA A and B of rank `rank` on every block Linear (`target_modules="all-linear"`)."""
+        return self.num_hidden_layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+
+# Values of the models' config.json on the Hub (Qwen/Qwen2.5-3B-Instruct, Qwen/Qwen2.5-7B-Instruct).
+QWEN25_3B = DecoderShape("Qwen2.5-3B-Instruct", 2048, 11008, 36, 16, 2, 151936, tie_word_embeddings=True)
+QWEN25_7B = DecoderShape("Qwen2.5-7B-Instruct", 3584, 18944, 28, 28, 4, 152064, tie_word_embeddings=False)
+
+
+def base_weight_bytes(shape: DecoderShape, base_format: str) -> float:
+    """Bytes of the base weights: block Linears in `base_format`, everything else in bf16."""
+    return shape.block_linear_params() * FORMAT_BITS[base_format] / 8 + shape.other_params() * 2
+
+
+def engine_budget(
+    shape: DecoderShape,
+    base_format: str,
+    utilization: float,
+    gpu_gb: float = 80.0,
+    lora_rank: int = 32,
+    reserve_gb: float = 2.0,
+) -> dict:
+    """Rollout-engine memory at `vllm_gpu_memory_utilization`: weights, the unmerged LoRA slot (bf16, one adapter),
+    and what is left for the KV cache, in GB and in cached tokens."""
+    weights = base_weight_bytes(shape, base_format)
+    lora = shape.lora_params(lora_rank) * 2
+    kv = utilization * gpu_gb * GB - weights - lora - reserve_gb * GB
+    return {
+        "model": shape.name,
+        "base": base_format,
+        "utilization": utilization,
+        "engine_weights_gb": weights / GB,
+        "lora_slot_gb": lora / GB,
+        "kv_cache_gb": kv / GB,
+        "kv_tokens": max(0, int(kv // shape.kv_bytes_per_token())),
+    }
+
+
+def trainer_budget(shape: DecoderShape, base_format: str, lora_rank: int = 32, optimizer_bytes: float = 2.0) -> dict:
+    """Trainer-side weights: the frozen base in `base_format`, fp32 LoRA parameters and gradients, optimizer states
+    (`optimizer_bytes` per parameter: 2 for `adamw_8bit`, 8 for fp32 AdamW). Activations not included."""
+    lora = shape.lora_params(lora_rank)
+    return {
+        "model": shape.name,
+        "base": base_format,
+        "base_gb": base_weight_bytes(shape, base_format) / GB,
+        "lora_params_m": lora / 1e6,
+        "lora_train_state_gb": lora * (4 + 4 + optimizer_bytes) / GB,
+    }
+
+
+ENGINE_FORMAT = {"bf16": "bf16", "nvfp4": "nvfp4", "mxfp4": "mxfp4", "nf4": "bf16"}
+"""What our unmerged rollout engine holds for each training base on a GPU: the FP4 bases as compressed-tensors exports
+(vLLM's W4A16 kernels), NF4 dequantized to bf16 (QeRL's QLoRA rollouts used vLLM's in-flight bitsandbytes instead)."""
+
+
+def readme_table(gpu_gb: float = 80.0) -> str:
+    rows = [
+        "| model | base | vLLM util. | engine weights | LoRA slot | KV cache (tokens) | trainer base | LoRA + grads + adamw_8bit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, utilization in ((QWEN25_3B, 0.2), (QWEN25_7B, 0.3)):
+        for base in ("bf16", "nvfp4", "mxfp4", "nf4"):
+            engine = engine_budget(shape, ENGINE_FORMAT[base], utilization, gpu_gb)
+            trainer = trainer_budget(shape, base)
+            rows.append(
+                f"| {shape.name} | {base} | {utilization} | {engine['engine_weights_gb']:.2f} GB | "
+                f"{engine['lora_slot_gb']:.2f} GB | {engine['kv_cache_gb']:.1f} GB ({engine['kv_tokens'] / 1e3:.0f}k) | "
+                f"{trainer['base_gb']:.2f} GB | {trainer['lora_train_state_gb']:.2f} GB |"
+            )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m qerl_repro.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu_gb", type=float, default=80.0, help="GPU memory in GB (H100: 80)")
+    args = parser.parse_args(argv)
+    table = readme_table(args.gpu_gb)
+    print(table)  # noqa: T201
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+# Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
+"""The README's memory arithmetic, checked against the parameter counts the Qwen2.5 model cards state."""
+
+import pytest
+
+from qerl_repro.memory import QWEN25_3B, QWEN25_7B, base_weight_bytes, engine_budget, main
+
+
+@pytest.mark.parametrize(
+    "shape, total, non_embedding_b",
+    [
+        (QWEN25_3B, 3_085_938_688, 2.77),  # Hub safetensors total; model card: 2.77B non-embedding
+        (QWEN25_7B, 7_615_616_512, 6.53),  # Hub safetensors total; model card: 6.53B non-embedding
+    ],
+)
+def test_parameter_counts_match_the_published_ones(shape, total, non_embedding_b):
+    assert shape.total_params() == total
+    assert shape.block_linear_params() / 1e9 == pytest.approx(non_embedding_b, abs=0.005)
+
+
+def test_kv_cache_bytes_per_token():
+    assert QWEN25_3B.kv_bytes_per_token() == 2 * 36 * 2 * 128 * 2  # k and v, 36 layers, 2 KV heads of 128, bf16
+    assert QWEN25_7B.kv_bytes_per_token() == 2 * 28 * 4 * 128 * 2
+
+
+def test_fp4_engine_leaves_more_kv_cache_than_bf16():
+    for shape, utilization in ((QWEN25_3B, 0.2), (QWEN25_7B, 0.3)):
+        bf16, nvfp4 = engine_budget(shape, "bf16", utilization), engine_budget(shape, "nvfp4", utilization)
+        saved = base_weight_bytes(shape, "bf16") - base_weight_bytes(shape, "nvfp4")
+        assert nvfp4["kv_cache_gb"] - bf16["kv_cache_gb"] == pytest.approx(saved / 1e9)
+        assert nvfp4["kv_tokens"] > bf16["kv_tokens"]
+
+
+def test_cli_prints_the_readme_table(capsys):
+    table = main([])
+    assert "Qwen2.5-7B-Instruct | nvfp4 | 0.3" in table and table in capsys.readouterr().out

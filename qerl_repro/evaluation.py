@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qerl_repro.data import QERL_SYSTEM_PROMPT
+from qerl_repro.weight_sync import vllm_max_lora_rank
 
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,6 @@ DEFAULT_MAX_NEW_TOKENS = 4096  # QeRL §4.1
 BACKENDS = ("vllm", "hf")
 CORRECTNESS_REWARDS = ("answer", "numeric_answer", "math_verify")
 QUANT_FORMATS = ("none", "nvfp4", "mxfp4", "nf4")
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.31)
 Z_95 = 1.959963984540054
 
 _lora_ids = itertools.count(1)  # a fresh vLLM LoRA id per evaluation: an id reused for a changed adapter is cached
@@ -515,10 +515,7 @@ def build_vllm_engine(
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs
     if enable_lora:
-        rank = next((r for r in VLLM_LORA_RANKS if r >= max_lora_rank), None)
-        if rank is None:
-            raise ValueError(f"LoRA rank {max_lora_rank} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
-        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(max_lora_rank), max_loras=1)
     if current_platform.is_cpu():
         context = max_model_len or _context_length(model)
         kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(context, 4096))

@@ -44,6 +44,7 @@ from qerl_repro.weight_sync import (
     lora_delta_weight,
     lora_layers,
     save_engine_adapter,
+    vllm_max_lora_rank,
 )
 
 
@@ -54,17 +55,6 @@ def _has_quantized_linear(model: torch.nn.Module) -> bool:
     from qerl_repro.quantization.linear import is_quantized_linear
 
     return any(is_quantized_linear(module) for module in model.modules())
-
-
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.31 `LoRAConfig.max_lora_rank` choices
-
-
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]}).")
 
 
 @contextmanager

@@ -18,6 +18,17 @@ import torch
 from torch import nn
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.31)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]}).")
+
+
 def _canonical_name(name: str) -> str:
     name = name.removeprefix("base_model.model.")
     for fragment in (".base_layer", "_checkpoint_wrapped_module.", "modules_to_save.default."):

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from qerl_repro import QeRLConfig
 from qerl_repro.sync_fidelity import choose_probe_layers, probe_rows, update_lost_frac
 from qerl_repro.testing import build_tiny_qwen2
-from qerl_repro.trainer import add_norms_to_modules_to_save, keep_trained_norms_in_fp32_, vllm_max_lora_rank
-from qerl_repro.weight_sync import iter_trained_extra_weights, save_engine_adapter
+from qerl_repro.trainer import add_norms_to_modules_to_save, keep_trained_norms_in_fp32_
+from qerl_repro.weight_sync import iter_trained_extra_weights, save_engine_adapter, vllm_max_lora_rank
 
 
 W = torch.tensor([[0.5, -1.0, 2.0, 0.25]], dtype=torch.float64)

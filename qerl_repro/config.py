@@ -64,8 +64,9 @@ class QeRLConfig(GRPOConfig):
             at every sync as a new vLLM `LoRARequest`, as QeRL served it: no update is lost to rounding. `"merged"`:
             TRL's way, `base + B @ A` merged (in fp32, then cast to the engine dtype) into the engine's weights; fast,
             but in a bf16 engine every update element below half a bf16 step of its weight is lost (watch
-            `sync/update_lost_frac`). `"auto"`: unmerged in colocate mode, merged in server mode (TRL's server has no
-            LoRA path).
+            `sync/update_lost_frac`). `"auto"`, chosen by measurement: unmerged in colocate mode on GPUs; on vLLM's CPU
+            backend (slow LoRA kernels) merged into a float32 engine (`vllm_dtype` defaults to `"float32"` there), which
+            holds the fp32 merge exactly; merged in server mode (TRL's server client has no LoRA path).
         vllm_dtype (`str` or `None`, *optional*, defaults to `None`):
             dtype of the colocated vLLM engine (`"bfloat16"`, `"float32"`, ...); `None` keeps vLLM's choice (the
             checkpoint's dtype). A float32 engine makes the merged sync lossless, at the cost of fp32 kernels.
@@ -125,7 +126,8 @@ class QeRLConfig(GRPOConfig):
         default="auto",
         metadata={
             "help": "How the vLLM engine gets the LoRA policy: unmerged adapter (QeRL), merged weights (TRL), or auto "
-            "(unmerged in colocate mode, merged in server mode).",
+            "(unmerged in colocate mode on GPUs, merged into a float32 engine on vLLM's CPU backend, merged in server "
+            "mode).",
             "choices": list(ADAPTER_SYNC_MODES),
         },
     )
@@ -173,13 +175,6 @@ class QeRLConfig(GRPOConfig):
                 "aqn=True with quant_format='none': QeRL adds noise only on a quantized base. Pick a quant_format "
                 "('nvfp4', 'mxfp4', 'nf4') or set aqn_allow_unquantized=True for the BF16 + AQN ablation."
             )
-
-    @property
-    def resolved_adapter_sync(self) -> str:
-        """`vllm_adapter_sync` with `"auto"` resolved: unmerged in colocate mode, merged in server mode."""
-        if self.vllm_adapter_sync != "auto":
-            return self.vllm_adapter_sync
-        return "unmerged" if self.vllm_mode == "colocate" else "merged"
 
     @property
     def aqn_noise_seed(self) -> int:

@@ -162,8 +162,10 @@ class QeRLVLLMGeneration(VLLMGeneration):
         if not is_peft_model(self.model) and not _has_quantized_linear(self.model):
             yield from super()._iter_named_params()
             return
+        # Colocate: the fp32 merge, rounded once by the engine to its dtype. Server: the base dtype (half the bytes).
+        merged_dtype = torch.float32 if self.mode == "colocate" else None
         with self._dist.gather_params(list(self.model.parameters())):
-            yield from iter_rollout_weights(self.model)
+            yield from iter_rollout_weights(self.model, merged_dtype=merged_dtype)
 
     # ---- sync ------------------------------------------------------------------------------------------------------
     def sync_weights(self):
@@ -243,7 +245,7 @@ class QeRLVLLMGeneration(VLLMGeneration):
     def _engine_probe_rows(self, name: str, rows: torch.Tensor, base_rows: torch.Tensor, delta_rows: torch.Tensor):
         """The engine's effective weight on `rows` of layer `name` (fp32), or None when it cannot be read."""
         if self.mode != "colocate":
-            # Server: the engine holds what was sent, `engine_dtype(base + delta)` (a lower bound on the loss when the
+            # Server: the engine holds what was sent, `base_dtype(base + delta)` (a lower bound on the loss when the
             # server's dtype is coarser than the training base's).
             return (base_rows.float() + delta_rows).to(base_rows.dtype).float()
         module = self.engine_model.get_submodule(name)
@@ -372,6 +374,21 @@ def prepare_base_model(model, args: QeRLConfig):
     return model
 
 
+def resolve_rollout_engine(args: QeRLConfig, on_vllm_cpu: bool) -> tuple[str, str | None]:
+    """`(adapter_sync, engine_dtype)` of the colocated rollout engine, `vllm_adapter_sync="auto"` resolved by measurement
+    (`make bench`, `adapter_sync_modes` on SmolLM2-135M): on GPUs and in colocate mode the adapter goes in unmerged
+    (QeRL's engine: FP4 kernels, no update lost); on vLLM's CPU backend, where serving LoRA made rollouts 3.2-3.5x and
+    steps 1.4-1.5x slower, it is merged into a float32 engine, which holds the fp32 merge exactly; in server mode it is
+    merged (TRL's server client has no LoRA path). An explicit `vllm_adapter_sync` / `vllm_dtype` is kept."""
+    if args.vllm_adapter_sync != "auto":
+        return args.vllm_adapter_sync, args.vllm_dtype
+    if args.vllm_mode != "colocate":
+        return "merged", args.vllm_dtype
+    if on_vllm_cpu:
+        return "merged", args.vllm_dtype or "float32"
+    return "unmerged", args.vllm_dtype
+
+
 def add_norms_to_modules_to_save(model, peft_config):
     """QeRL's `--ln True`: add the decoder blocks' norm names (those AQN targets) to the LoRA config's
     `modules_to_save`, so PEFT trains a copy of them. Returns the (copied) config."""
@@ -422,14 +439,14 @@ def keep_trained_norms_in_fp32_(model) -> int:
     return count
 
 
-def engine_base_export(model, args: QeRLConfig, peft_config) -> str | None:
+def engine_base_export(model, args: QeRLConfig, peft_config, adapter_sync: str | None) -> str | None:
     """The FP4 compressed-tensors export a GPU rollout engine serves in unmerged mode (vLLM's W4A16 FP4 kernels), written
     once into `<output_dir>/engine_base-<format>` by the main process; None when the engine loads the checkpoint
     instead (vLLM's CPU backend has no FP4 kernel; NF4, merged mode, server mode and full fine-tuning)."""
     if not (
         args.use_vllm
         and args.vllm_mode == "colocate"
-        and args.resolved_adapter_sync == "unmerged"
+        and adapter_sync == "unmerged"
         and peft_config is not None
         and args.quant_format in ("nvfp4", "mxfp4")
     ):
@@ -486,15 +503,20 @@ class QeRLTrainer(GRPOTrainer):
         model = prepare_base_model(model, args)
         if args.train_norms:
             kwargs["peft_config"] = add_norms_to_modules_to_save(model, kwargs.get("peft_config"))
+        adapter_sync, engine_dtype = (None, None)
+        if args.use_vllm:
+            from qerl_repro.vllm_cpu import is_vllm_cpu_platform
+
+            adapter_sync, engine_dtype = resolve_rollout_engine(args, on_vllm_cpu=is_vllm_cpu_platform())
         generation_class = type(
             "QeRLVLLMGeneration",
             (QeRLVLLMGeneration,),
             {
                 "enforce_eager": args.vllm_enforce_eager,
-                "adapter_sync": args.resolved_adapter_sync,
-                "engine_base_dir": engine_base_export(model, args, kwargs.get("peft_config")),
+                "adapter_sync": adapter_sync,
+                "engine_base_dir": engine_base_export(model, args, kwargs.get("peft_config"), adapter_sync),
                 "fidelity_rows": args.sync_fidelity_rows,
-                "engine_dtype": args.vllm_dtype,
+                "engine_dtype": engine_dtype,
             },
         )
         with _vllm_generation_class(generation_class), _quiet_model_init_kwargs_warning(loaded_here):

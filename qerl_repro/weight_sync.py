@@ -5,7 +5,8 @@ TRL 1.16 syncs a PEFT model by `merge_adapter()` / `unmerge_adapter()`, i.e. `W 
 bf16 this drifts the frozen base a little at every sync (TRL issue #6688), and on a packed 4-bit base it cannot work at
 all. `iter_rollout_weights(model)` instead yields, for every parameter the engine has, the tensor it should hold:
 
-- LoRA-wrapped Linear: `(dequantized_weight(base).float() + sum_a scale_a * B_a @ A_a).to(base dtype)`;
+- LoRA-wrapped Linear: `dequantized_weight(base).float() + sum_a scale_a * B_a @ A_a`, in fp32 (an fp32 engine then
+  holds it exactly; a bf16 engine rounds it once when it copies it in) or cast to `merged_dtype`;
 - quantized Linear without LoRA (NVFP4/MXFP4 `FP4Linear`, bitsandbytes NF4): its dequantized weight;
 - everything else (embeddings, norms, biases, `modules_to_save` copies): the parameter as is,
 under the Hugging Face parameter name (PEFT prefixes removed), so `vllm_model.load_weights` maps it as TRL does.
@@ -62,11 +63,14 @@ def _is_lora_linear(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "scaling")
 
 
-def iter_rollout_weights(model: nn.Module, *, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_rollout_weights(
+    model: nn.Module, *, merge_lora: bool = True, merged_dtype: torch.dtype | None = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every weight of the rollout engine; see the module docstring.
 
     `merge_lora=False` yields the dequantized base without the LoRA delta (the base an engine that serves the adapter
-    unmerged must hold)."""
+    unmerged must hold). `merged_dtype` is the dtype of the merged LoRA layers: fp32 by default (the engine rounds once
+    to its own dtype), `None` for the base's dtype (half the bytes, e.g. over the network to a vLLM server)."""
     from qerl_repro.quantization.linear import dequantized_weight, is_quantized_linear
 
     emitted_params: set[int] = set()
@@ -78,7 +82,10 @@ def iter_rollout_weights(model: nn.Module, *, merge_lora: bool = True) -> Iterat
             base = module.get_base_layer()
             base_weight = dequantized_weight(base)
             delta = lora_delta_weight(module) if merge_lora else None
-            weight = base_weight if delta is None else (base_weight.float() + delta).to(base_weight.dtype)
+            if delta is None:
+                weight = base_weight
+            else:
+                weight = (base_weight.float() + delta).to(merged_dtype or base_weight.dtype)
         elif is_quantized_linear(module):
             base = module
             weight = dequantized_weight(module)

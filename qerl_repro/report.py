@@ -501,7 +501,7 @@ def run_summary(run_dir: str, window: int = 10) -> dict:
                 "difference_ci95": [diff - 1.96 * se, diff + 1.96 * se],
                 "noise": "within-run step-to-step spread (Welch), not a run-to-run interval",
             }
-        for key in ("aqn/num_noised_modules", "step_time"):
+        for key in ("aqn/num_noised_modules", "step_time", "sync/update_lost_frac"):
             values = [entry[key] for entry in steps if key in entry]
             if values:
                 summary.setdefault("per_step", {})[key] = {"min": min(values), "max": max(values)}
@@ -571,6 +571,9 @@ def format_run_summary(summary: dict) -> str:
     noised = summary.get("per_step", {}).get("aqn/num_noised_modules")
     if noised:
         lines.append(f"| AQN noised norms per step (min-max) | {noised['min']}-{noised['max']} |")
+    lost = summary.get("per_step", {}).get("sync/update_lost_frac")
+    if lost:
+        lines.append(f"| share of the update the engine lost (min-max) | {lost['min']:.3g}-{lost['max']:.3g} |")
     return "\n".join(lines)
 
 

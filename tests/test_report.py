@@ -228,6 +228,7 @@ def test_run_summary_reward_trend_and_evals(tmp_path):
     rewards = [0.1] * 10 + [0.2] * 5 + [0.5, 0.6] * 5  # first 10 steps: 0.1; last 10: mean 0.55
     history = [
         {"step": i + 1, "loss": 0.0, "reward": r, "step_time": 2.0, "aqn/num_noised_modules": 60}
+        | {"sync/update_lost_frac": 0.9 - 0.01 * i}
         for i, r in enumerate(rewards)
     ]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
@@ -243,6 +244,8 @@ def test_run_summary_reward_trend_and_evals(tmp_path):
     assert summary["eval_after"]["n"] == 50 and "eval_before" not in summary
     text = format_run_summary(summary)
     assert "0.100 -> 0.550" in text and "60-60" in text
+    assert summary["per_step"]["sync/update_lost_frac"] == pytest.approx({"min": 0.66, "max": 0.9})
+    assert "update the engine lost (min-max) | 0.66-0.9 |" in text
 
 
 def _write_rewards(run_dir, rewards):

@@ -231,7 +231,9 @@ def adapter_sync_modes(learning_rates=(1e-5, 2e-4), steps: int = 5, variants=tup
                 "qerl_repro.bench_trainer", "adapter_sync_run", lr, variant, steps
             )
     for lr in learning_rates:
-        merged = results[f"lr{lr:g}_merged"]
+        merged = results.get(f"lr{lr:g}_merged")
+        if merged is None:
+            continue
         for variant in variants:
             if variant != "merged":
                 for key in ("rollout", "step"):
@@ -241,6 +243,12 @@ def adapter_sync_modes(learning_rates=(1e-5, 2e-4), steps: int = 5, variants=tup
 
 
 register_bench("adapter_sync_modes")(adapter_sync_modes)
+
+
+@register_bench("adapter_sync_fp32_engine")
+def adapter_sync_fp32_engine() -> dict:
+    """`adapter_sync_modes`' float32-engine variant alone (the CPU default), at both learning rates."""
+    return adapter_sync_modes(variants=("merged_fp32_engine",))
 
 
 def tiny_logprob_response_run(variant: str, steps: int = 8, num_sequences: int = 24) -> dict:

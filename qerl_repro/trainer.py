@@ -229,6 +229,11 @@ class QeRLVLLMGeneration(VLLMGeneration):
         layers = lora_layers(self.model)
         if self._probes is None:
             names = choose_probe_layers(list(layers))
+            if not names:
+                logger.warning(
+                    "sync/update_lost_frac is not logged: it probes LoRA on o_proj / down_proj (unfused in vLLM), and "
+                    "this adapter targets neither."
+                )
             self._probes = {
                 name: probe_rows(layers[name].get_base_layer().out_features, self.fidelity_rows, seed=index)
                 for index, name in enumerate(names)

@@ -41,7 +41,14 @@ class EngineRecorder:
     """Forward pre-hooks on the engine's modules: what they compute with, the first time each runs in a step."""
 
     def __init__(self, trainer):
-        self.trainer, self.norms, self.eval_norms, self.lora_slots = trainer, {}, {}, {}
+        self.trainer, self.norms, self.eval_norms, self.lora_slots, self.syncs = trainer, {}, {}, {}, []
+        hook = trainer.vllm_generation.post_sync_hook
+
+        def recording_hook():
+            self.syncs.append(trainer.state.global_step)
+            hook()
+
+        trainer.vllm_generation.post_sync_hook = recording_hook
         engine = trainer.vllm_generation.engine_model
         for name, module in find_norm_modules(engine, include_final_norm=True).items():
             module.register_forward_pre_hook(self._norm_hook(name))
@@ -99,7 +106,20 @@ def merged_run(tiny_bf16_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unmerged_run(tiny_bf16_model_dir, tmp_path_factory):
-    return _train(tiny_bf16_model_dir, str(tmp_path_factory.mktemp("unmerged")), "unmerged")
+    # As the paper runs: gradient accumulation and several policy updates per rollout (mu = 2): one rollout, sync and
+    # noise draw every `num_iterations` optimizer steps.
+    return _train(
+        tiny_bf16_model_dir,
+        str(tmp_path_factory.mktemp("unmerged")),
+        "unmerged",
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+    )
+
+
+def _generation_steps(trainer):
+    """The optimizer steps at which TRL generated (and synced): every `num_iterations` steps."""
+    return list(range(0, MAX_STEPS, trainer.args.num_iterations))
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +237,10 @@ def test_rollout_logprobs_are_the_policys(run):
 def test_engine_norms_during_generation_are_clean_plus_this_steps_noise(run):
     trainer, recorder = run
     clean = load_file(os.path.join(trainer.model.name_or_path, "model.safetensors"))  # bf16 checkpoint, frozen norms
-    assert sorted(recorder.norms)[:MAX_STEPS] == list(range(MAX_STEPS))  # every step generated
-    for step in range(MAX_STEPS):
+    steps = _generation_steps(trainer)
+    assert [s for s in sorted(recorder.norms) if s < MAX_STEPS] == steps  # one generation per rollout step
+    assert recorder.syncs[: len(steps)] == steps  # and exactly one sync (one noise draw) before each
+    for step in steps:
         norms = recorder.norms[step]
         sigma = aqn_sigma(step, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
         for index, name in enumerate(TARGETS):
@@ -235,7 +257,8 @@ def test_aqn_and_sync_metrics_in_every_training_log(run):
     logged = _step_logs(trainer)
     assert len(logged) == MAX_STEPS
     for entry in logged:
-        sigma = aqn_sigma(entry["step"] - 1, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
+        synced_at = max(s for s in _generation_steps(trainer) if s <= entry["step"] - 1)  # the step's rollouts
+        sigma = aqn_sigma(synced_at, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
         assert math.isclose(entry["aqn/sigma"], sigma)
         assert entry["aqn/num_noised_modules"] == (len(TARGETS) if sigma > 0 else 0)
         assert "aqn/stage" in entry and "sync/update_lost_frac" in entry

@@ -71,12 +71,21 @@ def test_recipe_yaml_matches_its_table1_row(config):
     assert values["report_to"] == "tensorboard"
 
 
+# TRL's colocated vLLM sets these in the test process (and holds MASTER_PORT): a recipe subprocess must not inherit them.
+_RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _subprocess_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    return {**env, "HF_HUB_OFFLINE": "1"}
+
+
 def test_no_config_uses_the_paper_setting_and_explains_what_is_missing(tmp_dir):
     recipe = os.path.join(ROOT, "recipes", "gsm8k_nvfp4_aqn.py")
     _, training_args, model_args = parse_recipe_args(recipe, ["--output_dir", tmp_dir, "--use_cpu", "true"])
     assert model_args.model_name_or_path == "Qwen/Qwen2.5-3B-Instruct"
     assert training_args.quant_format == "nvfp4" and training_args.aqn
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = _subprocess_env()
     proc = subprocess.run(
         [sys.executable, recipe, "--output_dir", tmp_dir], capture_output=True, text=True, env=env, cwd=ROOT
     )
@@ -152,7 +161,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_with_the_same_command(tiny_
         "--plots", "false",
         "--report_to", "none",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = _subprocess_env()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(tmp_dir, "checkpoint-4")) and process.poll() is None:

@@ -248,19 +248,19 @@ class QeRLVLLMGeneration(VLLMGeneration):
         return result
 
     def _engine_probe_rows(self, name: str, rows: torch.Tensor, base_rows: torch.Tensor, delta_rows: torch.Tensor):
-        """The engine's effective weight on `rows` of layer `name` (fp32), or None when it cannot be read."""
+        """The engine's effective weight on `rows` of layer `name`, in fp32."""
         if self.mode != "colocate":
             # Server: the engine holds what was sent, `base_dtype(base + delta)` (a lower bound on the loss when the
             # server's dtype is coarser than the training base's).
             return (base_rows.float() + delta_rows).to(base_rows.dtype).float()
-        module = self.engine_model.get_submodule(name)
-        base_layer = module._modules.get("base_layer", module)
-        if not self.serves_adapter_unmerged:
-            return base_layer.weight[rows.to(base_layer.weight.device)].float().cpu()
-        if self.engine_base_dir is not None:
+        if self.serves_adapter_unmerged and self.engine_base_dir is not None:
             engine_base = base_rows.float()  # packed FP4 in the engine; the export is checked by its own tests
         else:
+            module = self.engine_model.get_submodule(name)
+            base_layer = module._modules.get("base_layer", module)
             engine_base = base_layer.weight[rows.to(base_layer.weight.device)].float().cpu()
+        if not self.serves_adapter_unmerged:
+            return engine_base  # the merged weight
         adapter = self._engine_adapter()
         lora = adapter.get_lora(name) if adapter is not None else None
         if lora is None:
@@ -285,8 +285,8 @@ class QeRLVLLMGeneration(VLLMGeneration):
                 for name, (rows, base, delta) in policy_rows.items()
             ]
             metrics["sync/update_lost_frac"] = max(lost)
-        trained_norms = self._trained_norm_values()
-        if trained_norms and self.mode == "colocate":
+        trained_norms = self._trained_norm_values() if self.mode == "colocate" else {}
+        if trained_norms:
             engine = dict(self.engine_model.named_parameters())
             if self._initial_norms is None:
                 self._initial_norms = {name: value.clone() for name, value in trained_norms.items()}
@@ -383,7 +383,7 @@ def resolve_rollout_engine(args: QeRLConfig, on_vllm_cpu: bool) -> tuple[str, st
     """`(adapter_sync, engine_dtype)` of the colocated rollout engine, `vllm_adapter_sync="auto"` resolved by measurement
     (`make bench`, `adapter_sync_modes` on SmolLM2-135M): on GPUs and in colocate mode the adapter goes in unmerged
     (QeRL's engine: FP4 kernels, no update lost); on vLLM's CPU backend, where serving LoRA made rollouts 3.2-3.5x and
-    steps 1.4-1.5x slower, it is merged into a float32 engine, which holds the fp32 merge exactly; in server mode it is
+    steps 1.4-1.5x slower, it is merged into a float32 engine, which holds the fp32 merge up to fp32 rounding; in server mode it is
     merged (TRL's server client has no LoRA path). An explicit `vllm_adapter_sync` / `vllm_dtype` is kept."""
     if args.vllm_adapter_sync != "auto":
         return args.vllm_adapter_sync, args.vllm_dtype
@@ -430,7 +430,7 @@ def keep_lora_in_fp32_(model) -> int:
 def keep_trained_norms_in_fp32_(model) -> int:
     """Make the trained (`modules_to_save`) norm copies fp32 master weights, as QeRL's `prepare_model_for_kbit_training`
     did, and cast each norm's output back to its input dtype so the rest of a bf16 model runs unchanged. In bf16, a
-    norm near 1.0 would ignore every AdamW step below 2^-9 (the lr 1e-5 regime). Returns the number of norms."""
+    norm near 1.0 would ignore every AdamW step below half a bf16 step there (2^-8; the lr 1e-5 regime). Returns the number of norms."""
     count = 0
     for name, module in model.named_modules():
         if name.endswith("modules_to_save.default") and name.split(".")[-3].endswith("norm"):

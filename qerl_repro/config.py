@@ -175,7 +175,33 @@ class QeRLConfig(GRPOConfig):
                 "aqn=True with quant_format='none': QeRL adds noise only on a quantized base. Pick a quant_format "
                 "('nvfp4', 'mxfp4', 'nf4') or set aqn_allow_unquantized=True for the BF16 + AQN ablation."
             )
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        problem = zero3_incompatibility(self, zero3=is_deepspeed_zero3_enabled())
+        if problem:
+            raise ValueError(problem)
 
     @property
     def aqn_noise_seed(self) -> int:
         return self.seed if self.aqn_seed is None else self.aqn_seed
+
+
+def zero3_incompatibility(args: QeRLConfig, *, zero3: bool) -> str | None:
+    """Why `args` cannot run under DeepSpeed ZeRO-3 (None if it can). ZeRO-3 partitions every weight across the ranks
+    (with `zero3_init_flag`, already while the model loads): a 4-bit base would be quantized from empty shards, and AQN
+    on HF generate would write into one rank's shard while reporting every norm noised. The vLLM engine holds whole
+    weights, so full fine-tuning and BF16 LoRA with vLLM rollouts (AQN included) are fine."""
+    if not zero3:
+        return None
+    if args.quant_format != "none":
+        return (
+            f"quant_format={args.quant_format!r} cannot run under DeepSpeed ZeRO-3: it partitions the weights while the "
+            "model loads, so the base would be quantized from empty shards. Use accelerate_configs/deepspeed_zero2.yaml "
+            "(the frozen 4-bit base is replicated; ZeRO-2 partitions the optimizer state and gradients) or multi_gpu.yaml."
+        )
+    if args.aqn and not args.use_vllm:
+        return (
+            "AQN with HF generate (use_vllm=False) cannot run under DeepSpeed ZeRO-3: each rank holds a shard of every "
+            "norm, so the noise would land on shards only. Use vLLM rollouts (use_vllm=True) or ZeRO-2."
+        )
+    return None

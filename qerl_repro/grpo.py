@@ -202,13 +202,36 @@ class GSM8KAccuracyCallback(TrainerCallback):
             self.trainer._metrics["train"]["gsm8k/accuracy"].append(result["accuracy"])
 
 
+def build_trainer(
+    script_args, training_args: QeRLConfig, model_args: ModelConfig, model_path, tokenizer, train_dataset, reward_funcs=None
+):
+    """The recipe's `QeRLTrainer`: the base loaded from `model_path` in the recipe's dtype (and quantized to
+    `quant_format` by the trainer), its LoRA config (None: full fine-tuning) and its reward functions (or
+    `reward_funcs`)."""
+    from qerl_repro.rewards import get_reward_funcs
+    from qerl_repro.trainer import QeRLTrainer
+
+    training_args.model_init_kwargs = {
+        **(training_args.model_init_kwargs or {}),
+        "dtype": model_args.dtype,
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+    }
+    return QeRLTrainer(
+        model=model_path,
+        reward_funcs=reward_funcs or get_reward_funcs(script_args.reward_funcs),
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+
+
 def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args: ModelConfig) -> dict:
     from qerl_repro.data import add_assistant_prefill, load_gsm8k
     from qerl_repro.evaluation import load_eval_dataset
     from qerl_repro.models import resolve_model_path
     from qerl_repro.policy_eval import evaluate_trainer_policy
-    from qerl_repro.rewards import get_reward_funcs
-    from qerl_repro.trainer import QeRLTrainer
 
     check_can_run(script_args, training_args, model_args)
 
@@ -260,26 +283,8 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
         train_dataset = add_assistant_prefill(train_dataset, tokenizer, script_args.assistant_prefill)
         eval_dataset = add_assistant_prefill(eval_dataset, tokenizer, script_args.assistant_prefill)
 
-    # Model (QeRLTrainer loads and quantizes it: `quant_format`)
-    training_args.model_init_kwargs = {
-        **(training_args.model_init_kwargs or {}),
-        "dtype": model_args.dtype,
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-    }
-
-    # Rewards
-    reward_funcs = get_reward_funcs(script_args.reward_funcs)
-
-    # Trainer
-    trainer = QeRLTrainer(
-        model=model_path,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
+    # Model, rewards and trainer (QeRLTrainer loads and quantizes the base: `quant_format`)
+    trainer = build_trainer(script_args, training_args, model_args, model_path, tokenizer, train_dataset)
 
     def evaluate(filename: str) -> dict:
         return evaluate_trainer_policy(

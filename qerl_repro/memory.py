@@ -111,6 +111,14 @@ def trainer_budget(shape: DecoderShape, base_format: str, lora_rank: int = 32, o
     }
 
 
+def full_finetune_budget(shape: DecoderShape, optimizer_bytes: float = 8.0) -> dict:
+    """Trainer-side state of full fine-tuning with fp32 master weights (what `QeRLTrainer` and DeepSpeed's bf16 mode
+    keep): fp32 weights, fp32 gradients and `optimizer_bytes` per parameter (8: AdamW's two fp32 moments). Under
+    DeepSpeed ZeRO-3 on N GPUs each holds 1/N of it. Activations and the vLLM engine not included."""
+    params = shape.total_params()
+    return {"model": shape.name, "params_b": params / 1e9, "train_state_gb": params * (4 + 4 + optimizer_bytes) / GB}
+
+
 ENGINE_FORMAT = {"bf16": "bf16", "nvfp4": "nvfp4", "mxfp4": "mxfp4", "nf4": "bf16"}
 """What our unmerged rollout engine holds for each training base on a GPU: the FP4 bases as compressed-tensors exports
 (vLLM's W4A16 kernels), NF4 dequantized to bf16 (QeRL's QLoRA rollouts used vLLM's in-flight bitsandbytes instead)."""
@@ -130,6 +138,14 @@ def readme_table(gpu_gb: float = 80.0) -> str:
                 f"{engine['lora_slot_gb']:.2f} GB | {engine['kv_cache_gb']:.1f} GB ({engine['kv_tokens'] / 1e3:.0f}k) | "
                 f"{trainer['base_gb']:.2f} GB | {trainer['lora_train_state_gb']:.2f} GB |"
             )
+    full = [full_finetune_budget(shape) for shape in (QWEN25_3B, QWEN25_7B)]
+    rows.append("")
+    rows.append(
+        "BF16 full fine-tuning (fp32 master weights and gradients, AdamW): "
+        + ", ".join(f"{f['model']} {f['train_state_gb']:.1f} GB" for f in full)
+        + " of trainer state before activations and the engine (1/N of it per GPU under ZeRO-3); the 7B one does not fit"
+        + f" on one {gpu_gb:.0f} GB GPU."
+    )
     return "\n".join(rows)
 
 

@@ -401,6 +401,11 @@ def add_norms_to_modules_to_save(model, peft_config):
 
     if peft_config is None:
         raise ValueError("train_norms=True trains the norms beside a LoRA adapter: pass a `peft_config`.")
+    if isinstance(model, str):  # GRPOTrainer loads it later: the module structure is all we need here
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name in find_norm_modules(model)})
     require_norm_targets(dict.fromkeys(leaf_names), "the model to train (train_norms)")
     peft_config = copy.deepcopy(peft_config)
@@ -422,6 +427,20 @@ def keep_lora_in_fp32_(model) -> int:
     count = 0
     for name, param in model.named_parameters():
         if param.requires_grad and "lora_" in name and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+def keep_full_finetune_params_in_fp32_(model) -> int:
+    """Full fine-tuning keeps fp32 master weights (returns how many parameters were cast). A model loaded in bf16 and
+    stepped by `adamw_torch` trains pure-bf16 parameters: at lr 1e-6 an AdamW step (~lr) is far below half a bf16 step
+    (2^-9 of a weight of magnitude 1), so most weights never move (1.9 % changed in 5 steps), while every LoRA arm trains
+    fp32 adapters. The upcast is lossless; with `bf16=True` the forward still computes in bf16 under autocast, as the
+    frozen bf16 base of the LoRA arms does (DeepSpeed's bf16 mode keeps fp32 masters the same way)."""
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
             count += 1
     return count
@@ -526,7 +545,10 @@ class QeRLTrainer(GRPOTrainer):
         )
         with _vllm_generation_class(generation_class), _quiet_model_init_kwargs_warning(loaded_here):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
-        keep_lora_in_fp32_(self.model)
+        if is_peft_model(self.model):
+            keep_lora_in_fp32_(self.model)
+        elif not self.is_deepspeed_enabled:  # DeepSpeed's bf16 optimizer keeps its own fp32 master weights
+            keep_full_finetune_params_in_fp32_(self.model)
         if args.train_norms:
             keep_trained_norms_in_fp32_(self.model)
         ddp_ignore_quantized_buffers_(self.model)

@@ -5,7 +5,9 @@ Paper setting (Qwen2.5-3B-Instruct; on GPUs, with Hub access):
 
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/gsm8k_bf16_full.py --config recipes/Qwen2.5-3B-Instruct/gsm8k_bf16_full.yaml
 
-7B: `--config recipes/Qwen2.5-7B-Instruct/gsm8k_bf16_full.yaml` (and `accelerate_configs/multi_gpu.yaml` to scale out).
+Trains fp32 master weights with bf16 compute (as every LoRA arm trains fp32 adapters): 49 GB of weights, gradients and
+AdamW state for 3B. 7B (122 GB of it) needs several GPUs with ZeRO-3, which partitions them:
+`--config_file accelerate_configs/deepspeed_zero3.yaml --config recipes/Qwen2.5-7B-Instruct/gsm8k_bf16_full.yaml`.
 CPU (SmolLM2-135M-Instruct, local GSM8K):
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/gsm8k_bf16_full.py --config recipes/SmolLM2-135M-Instruct/gsm8k_bf16_full.yaml

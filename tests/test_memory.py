@@ -3,7 +3,7 @@
 
 import pytest
 
-from qerl_repro.memory import QWEN25_3B, QWEN25_7B, base_weight_bytes, engine_budget, main
+from qerl_repro.memory import QWEN25_3B, QWEN25_7B, base_weight_bytes, engine_budget, full_finetune_budget, main
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,9 @@ def test_fp4_engine_leaves_more_kv_cache_than_bf16():
 def test_cli_prints_the_readme_table(capsys):
     table = main([])
     assert "Qwen2.5-7B-Instruct | nvfp4 | 0.3" in table and table in capsys.readouterr().out
+
+
+def test_full_finetune_state_is_16_bytes_per_parameter():
+    # fp32 master weight 4 + fp32 gradient 4 + AdamW moments 8
+    assert full_finetune_budget(QWEN25_3B)["train_state_gb"] == pytest.approx(3_085_938_688 * 16 / 1e9)
+    assert full_finetune_budget(QWEN25_7B)["train_state_gb"] > 80  # one 80 GB GPU cannot hold it

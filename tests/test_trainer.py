@@ -217,3 +217,32 @@ def test_lora_is_fp32_and_moves_at_the_paper_lr_on_every_base(quant_format, tiny
     moved = sum((lora[n] != b).sum().item() for n, b in before.items())
     total = sum(b.numel() for b in before.values())
     assert moved / total >= 0.99, moved / total
+
+
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(quant_format="nvfp4"), "quantized from empty shards"),
+        (dict(quant_format="nf4"), "quantized from empty shards"),
+        (dict(aqn=True, aqn_allow_unquantized=True, use_vllm=False), "noise would land on shards only"),
+        (dict(), None),  # full fine-tuning / BF16 LoRA on HF generate
+        (dict(aqn=True, aqn_allow_unquantized=True, use_vllm=True), None),  # the engine holds whole weights
+    ],
+)
+def test_deepspeed_zero3_refuses_what_it_would_break(tmp_dir, overrides, match):
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    try:
+        if match is None:
+            args = QeRLConfig(tmp_dir, deepspeed=ZERO3, use_cpu=True, report_to="none", **overrides)
+            assert is_deepspeed_zero3_enabled() and args.hf_deepspeed_config.is_zero3()  # the check ran with ZeRO-3 on
+        else:
+            with pytest.raises(ValueError, match=match):
+                QeRLConfig(tmp_dir, deepspeed=ZERO3, use_cpu=True, report_to="none", **overrides)
+    finally:
+        unset_hf_deepspeed_config()
+    assert not is_deepspeed_zero3_enabled()
+    QeRLConfig(tmp_dir, use_cpu=True, report_to="none", **overrides)  # without ZeRO-3 every one of them is valid

@@ -1,16 +1,16 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
 """GSM8K pass@1 of the policy a `QeRLTrainer` is training, with the trainer's own rollout machinery.
 
-The quantized base + LoRA is evaluated exactly as it is trained: with vLLM, the trainer's engine is synced
-(dequant(W_q) + LoRA delta) and sampled with AQN switched off (`clean_weights()`); without vLLM, the PEFT model itself
-generates. Scoring and confidence intervals come from `qerl_repro.evaluation`. Used at step 0, every
-`gsm8k_eval_steps` and after training by `qerl_repro.grpo.main`.
+The quantized base + LoRA is evaluated exactly as it is trained: with vLLM, the trainer's engine (colocate, or the
+server through TRL's `VLLMClient`) is synced (dequant(W_q) + LoRA delta) and sampled with AQN switched off
+(`QeRLTrainer.clean_rollout_engine()`); without vLLM, the PEFT model itself generates. Scoring and confidence intervals
+come from `qerl_repro.evaluation`. Used at step 0, every `gsm8k_eval_steps` and after training by
+`qerl_repro.grpo.main`.
 """
 
 import json
 import logging
 import os
-from contextlib import nullcontext
 
 import torch
 
@@ -20,24 +20,59 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def _generate_vllm(trainer, texts, num_samples, temperature, top_p, max_new_tokens) -> list[list[str]]:
-    from vllm import SamplingParams
-
     generation = trainer.vllm_generation
     generation.sync_weights()  # the current policy (AQN is re-applied for the step, then switched off below)
     tokenizer = trainer.processing_class
-    params = SamplingParams(
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    with trainer.clean_rollout_engine():
+        if generation.mode == "server":
+            return _generate_on_server(trainer, prompt_ids, num_samples, temperature, top_p, max_new_tokens)
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=num_samples,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_new_tokens,
+        )
+        outputs = generation.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
+    return [[completion.text for completion in output.outputs] for output in outputs]
+
+
+def generate_with_server_client(
+    client, tokenizer, prompt_ids, num_samples, temperature, top_p, max_new_tokens
+) -> list[list[str]]:
+    """`num_samples` completions (text) per prompt from the vLLM server behind TRL's `VLLMClient`."""
+    output = client.generate(
+        prompts=prompt_ids,
         n=num_samples,
         temperature=temperature,
         top_p=top_p if temperature > 0 else 1.0,
         max_tokens=max_new_tokens,
+        logprobs=None,
     )
-    prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]} for text in texts]
-    noiser = getattr(trainer, "_rollout_noiser", None)
-    with noiser.clean_weights() if noiser is not None else nullcontext():
-        generation.llm.reset_prefix_cache()
-        outputs = generation.llm.generate(prompts, params, use_tqdm=True)
-    generation.llm.reset_prefix_cache()
-    return [[completion.text for completion in output.outputs] for output in outputs]
+    texts = tokenizer.batch_decode(output["completion_ids"], skip_special_tokens=True)
+    return [texts[start : start + num_samples] for start in range(0, len(texts), num_samples)]
+
+
+def _generate_on_server(trainer, prompt_ids, num_samples, temperature, top_p, max_new_tokens) -> list[list[str]]:
+    """Server mode: the main process holds the client and generates for everyone; the others receive the texts."""
+    from accelerate.utils import broadcast_object_list
+
+    completions = None
+    if trainer.accelerator.is_main_process:
+        completions = generate_with_server_client(
+            trainer.vllm_generation.vllm_client,
+            trainer.processing_class,
+            prompt_ids,
+            num_samples,
+            temperature,
+            top_p,
+            max_new_tokens,
+        )
+    if trainer.accelerator.num_processes > 1:
+        completions = broadcast_object_list([completions], from_process=0)[0]
+    return completions
 
 
 @torch.no_grad()

@@ -14,12 +14,11 @@ What it adds to `GRPOTrainer` (everything else is TRL's):
 - `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log.
 """
 
-import json
 import logging
 import os
 import shutil
 import textwrap
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import trl.trainer.grpo_trainer as grpo_trainer_module
@@ -596,39 +595,56 @@ class QeRLTrainer(GRPOTrainer):
                     description="vLLM rollout engine (colocate)",
                 )
             num_noised = self._rollout_noiser.apply(sigma, seed=seed, step=step)
-            if self._evaluation_rollout:
-                self._rollout_noiser.write_clean()
             self.vllm_generation.llm.reset_prefix_cache()
         else:
             num_noised = self._apply_aqn_on_server(sigma, seed, step)
+        if self._evaluation_rollout:
+            self._write_engine_norms(clean=True)
         self._record_aqn(sigma, stage, num_noised)
 
     def _apply_aqn_on_server(self, sigma: float, seed: int, step: int) -> int:
-        from qerl_repro.vllm_worker import AQN_RPC_METHOD
+        """AQN on every worker of the vLLM server (`QeRLWorkerExtension.qerl_apply_aqn`), from the main process."""
+        from qerl_repro.vllm_worker import apply_aqn_on_server
 
-        num_noised = 0
-        if self.accelerator.is_main_process:
-            client = self.vllm_generation.vllm_client
-            payload = {
-                "sigma": sigma,
-                "seed": seed,
-                "step": step,
-                "include_final_norm": self.args.aqn_include_final_norm,
-                "include_qk_norm": self.args.aqn_include_qk_norm,
-            }
-            response = client.session.post(
-                f"{client.base_url}/collective_rpc",
-                json={"method": AQN_RPC_METHOD, "args": [json.dumps(payload)], "kwargs": {}, "timeout": None},
-            )
-            if response.status_code != 200:
-                raise RuntimeError(
-                    f"AQN on the vLLM server failed ({response.status_code}: {response.text}). Start the server with "
-                    "VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls qerl_repro.vllm_worker.QeRLWorkerExtension."
-                )
-            results = response.json()["results"]
-            num_noised = int(results[0]["num_noised_modules"])
-            client.reset_prefix_cache()
-        return num_noised
+        if not self.accelerator.is_main_process:
+            return 0
+        return apply_aqn_on_server(
+            self.vllm_generation.vllm_client,
+            sigma,
+            seed=seed,
+            step=step,
+            include_final_norm=self.args.aqn_include_final_norm,
+            include_qk_norm=self.args.aqn_include_qk_norm,
+        )
+
+    def _write_engine_norms(self, *, clean: bool) -> None:
+        """Put the clean norm weights (AQN off) or the noised ones of the latest draw into the rollout engine."""
+        if self.vllm_generation.mode == "colocate":
+            if self._rollout_noiser is not None:
+                if clean:
+                    self._rollout_noiser.write_clean()
+                else:
+                    self._rollout_noiser.write_noised()
+                self.vllm_generation.llm.reset_prefix_cache()
+        elif self.accelerator.is_main_process:
+            from qerl_repro.vllm_worker import write_server_norms
+
+            write_server_norms(self.vllm_generation.vllm_client, clean=clean)
+
+    @contextmanager
+    def clean_rollout_engine(self):
+        """AQN off in the vLLM rollout engine inside the block (evaluation rollouts, colocate or server); the latest
+        noise is back afterwards, also when a sync inside the block (a step boundary) drew new noise."""
+        if not (self.use_vllm and self.args.aqn):
+            yield
+            return
+        self._evaluation_rollout = True
+        self._write_engine_norms(clean=True)
+        try:
+            yield
+        finally:
+            self._evaluation_rollout = False
+            self._write_engine_norms(clean=False)
 
     # ---- generation: HF path noise, and noise-free evaluation --------------------------------------------------------
     def _generate_single_turn(self, *args, **kwargs):
@@ -640,12 +656,8 @@ class QeRLTrainer(GRPOTrainer):
             # Evaluation rollouts run on the clean engine. TRL may sync (and our hook noise) inside this call when the
             # step changed: the hook then writes the clean weights back, and the step's noise is restored afterwards
             # for the training rollouts of that step (which will not sync again).
-            self._evaluation_rollout = True
-            try:
-                with self._rollout_noiser.clean_weights() if self._rollout_noiser is not None else nullcontext():
-                    return super()._generate_single_turn(*args, **kwargs)
-            finally:
-                self._evaluation_rollout = False
+            with self.clean_rollout_engine():
+                return super()._generate_single_turn(*args, **kwargs)
         if not self.model.training:
             return super()._generate_single_turn(*args, **kwargs)
         # HF generate on the training model: noise only while generating, restored bit-exactly afterwards, so the

@@ -6,6 +6,7 @@ At the settings users run: bf16 model and engine, the paper's lr 1e-5. One train
 What the engine computes with is recorded from inside its forward passes (hooks on its modules), and checked against
 independent references (the checkpoint, fake_quantize, LoRA B @ A)."""
 
+import json
 import math
 import os
 from contextlib import nullcontext
@@ -379,3 +380,81 @@ def test_trl_evaluation_rollouts_are_clean_and_training_rollouts_keep_the_noise(
             assert torch.equal(recorder.norms[step][name], (reference.float() + noise).to(reference.dtype))
         noisy_eval_steps += sigma > 0
     assert noisy_eval_steps >= 4  # the clean-eval check ran at steps whose training rollouts were noised
+
+
+# ---- the demo's evaluation (qerl_repro.policy_eval, results/demo/eval_*.json) on the colocated engine -------------------
+def test_policy_eval_generates_with_the_current_policy_on_clean_norms_and_the_noise_comes_back(run, tmp_path):
+    """`evaluate_trainer_policy` with vLLM: its result and JSON; inside its generation the engine holds the clean norms
+    and the policy of now (a large LoRA update made just before, merged or in the LoRA slots); afterwards the step's
+    AQN is back for the next training rollout."""
+    from datasets import Dataset
+
+    from qerl_repro.policy_eval import evaluate_trainer_policy
+
+    trainer, _ = run
+    generation = trainer.vllm_generation
+    engine = generation.engine_model
+    _make_update_visible(trainer.model, generator_seed=2)
+    seen = {}
+
+    def record(name, read):
+        def hook(module, args):
+            seen.setdefault(name, read(module))
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(record(name, lambda m: m.weight.detach().clone()))
+        for name, module in find_norm_modules(engine).items()
+    ]
+    if generation.serves_adapter_unmerged:
+        read_layer = lambda m: (m.lora_a_stacked[0][0, 0].clone(), m.lora_b_stacked[0][0, 0].clone())  # noqa: E731
+    else:
+        read_layer = lambda m: m.weight.detach().clone()  # noqa: E731
+    hooks.append(engine.get_submodule(PROBED_LORA_LAYER).register_forward_pre_hook(record("probe", read_layer)))
+    questions = ["How many clips did Natalia sell?", "How much did Weng earn?", "What is 48 / 2?"]
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": question}] for question in questions],
+            "question": questions,
+            "solution": ["72", "10", "24"],
+        }
+    )
+    output_path = str(tmp_path / "eval_after.json")
+    try:
+        result = evaluate_trainer_policy(
+            trainer, dataset, num_samples=2, temperature=1.0, max_new_tokens=4, output_path=output_path
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    assert result["n"] == 3 and [record["index"] for record in result["records"]] == [0, 1, 2]
+    assert all(len(record["completions"]) == 2 for record in result["records"])
+    assert result["config"]["backend"] == "vllm" and result["config"]["global_step"] == MAX_STEPS
+    with open(output_path) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+
+    clean = load_file(os.path.join(trainer.model.name_or_path, "model.safetensors"))
+    for name in TARGETS:  # AQN off during the evaluation's generation
+        assert torch.equal(seen[name], clean[f"{name}.weight"].to(seen[name].dtype)), name
+    layer = trainer.model.get_submodule(f"base_model.model.{PROBED_LORA_LAYER}")
+    a, b, scaling = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    if generation.serves_adapter_unmerged:  # the adapter of now in the slots (one bf16 rounding)
+        slot_a, slot_b = seen["probe"]
+        torch.testing.assert_close(slot_a[: a.shape[0]].float(), a, rtol=2**-8, atol=0)
+        torch.testing.assert_close(slot_b[:, : a.shape[0]].float(), b * scaling, rtol=2**-8, atol=0)
+    else:  # the merged weight of now
+        base = dequantized_weight(layer).float()
+        served = seen["probe"].float()
+        torch.testing.assert_close(served, base + (b @ a) * scaling, rtol=2**-8, atol=1e-6)
+        assert (served - base).abs().max() > 0.1  # the update is in: not the base
+
+    sigma = aqn_sigma(MAX_STEPS, MAX_STEPS, sigma_start=SIGMA_START, sigma_end=SIGMA_END, num_stages=10)
+    assert sigma > 0
+    norms = dict(engine.named_parameters())
+    for index, name in enumerate(TARGETS):  # the evaluation synced at step MAX_STEPS: that step's noise is back
+        reference = clean[f"{name}.weight"]
+        noise = aqn_noise(reference.shape, sigma, seed=42, step=MAX_STEPS, index=index)
+        weight = norms[f"{name}.weight"]
+        assert torch.equal(weight, (reference.float() + noise).to(weight.dtype)), name

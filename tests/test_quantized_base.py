@@ -315,7 +315,9 @@ class TestPeftLoRA:
         # The layer runs in bf16 (8 significant bits): its output is within a bf16 step (2^-7 relative) of the fp32
         # reference, while leaving the LoRA delta out would move it by about 2 (random B, init_lora_weights=False).
         torch.testing.assert_close(layer(x).float(), expected, rtol=2**-7, atol=2**-7)
-        base_only = F.linear(x.float(), dequantized_weight(layer.get_base_layer()).float(), layer.base_layer.bias.float())
+        base_only = F.linear(
+            x.float(), dequantized_weight(layer.get_base_layer()).float(), layer.base_layer.bias.float()
+        )
         assert (expected - base_only).abs().max() > 50 * 2**-7
 
     def test_quantizing_a_peft_model_skips_lora(self):

@@ -219,7 +219,11 @@ def test_lora_is_fp32_and_moves_at_the_paper_lr_on_every_base(quant_format, tiny
     assert moved / total >= 0.99, moved / total
 
 
-ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+ZERO3 = {
+    "zero_optimization": {"stage": 3},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+}
 
 
 @pytest.mark.parametrize(

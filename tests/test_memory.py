@@ -1,6 +1,8 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
 """The README's memory arithmetic, checked against the parameter counts the Qwen2.5 model cards state."""
 
+import os
+
 import pytest
 
 from qerl_repro.memory import QWEN25_3B, QWEN25_7B, base_weight_bytes, engine_budget, full_finetune_budget, main
@@ -40,3 +42,10 @@ def test_full_finetune_state_is_16_bytes_per_parameter():
     # fp32 master weight 4 + fp32 gradient 4 + AdamW moments 8
     assert full_finetune_budget(QWEN25_3B)["train_state_gb"] == pytest.approx(3_085_938_688 * 16 / 1e9)
     assert full_finetune_budget(QWEN25_7B)["train_state_gb"] > 80  # one 80 GB GPU cannot hold it
+
+
+def test_readme_holds_the_cli_output():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    for line in main([]).splitlines():
+        assert line in readme, line

@@ -269,6 +269,8 @@ def build_model_card_extras(
     Returns:
         `str`: markdown wrapped in `<!-- qerl_repro: begin/end -->` markers (see `append_model_card_extras`).
     """
+    from qerl_repro.models import describe_base_model
+
     if total_steps is None:
         max_steps = _get(training_args, "max_steps", -1)
         total_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
@@ -292,8 +294,6 @@ def build_model_card_extras(
 
     use_peft = _get(model_args, "use_peft")
     prefill = _get(script_args, "assistant_prefill")
-    from qerl_repro.models import describe_base_model
-
     dataset = _dataset_text(script_args)
     rows = [
         ("base model", describe_base_model(_get(model_args, "model_name_or_path"))[1]),

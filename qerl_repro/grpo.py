@@ -236,10 +236,12 @@ def build_trainer(
 def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args: ModelConfig) -> dict:
     from qerl_repro.data import add_assistant_prefill, load_gsm8k
     from qerl_repro.evaluation import load_eval_dataset
+    from qerl_repro.hub import launch_command
     from qerl_repro.models import resolve_model_path
     from qerl_repro.policy_eval import evaluate_trainer_policy
 
     check_can_run(script_args, training_args, model_args)
+    command = launch_command()  # for the model card; read before the trainer or vLLM change the environment
 
     # Seed
     set_seed(training_args.seed)
@@ -329,7 +331,7 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
 
         trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["qerl"])
         extras = build_model_card_extras(
-            script_args, training_args, model_args, eval_results=results or None, command=" ".join(sys.argv)
+            script_args, training_args, model_args, eval_results=results or None, command=command
         )
         append_model_card_extras(os.path.join(training_args.output_dir, "README.md"), extras)
         if script_args.plots:

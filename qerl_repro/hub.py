@@ -31,6 +31,8 @@ __all__ = [
     "append_model_card_extras",
     "build_model_card_extras",
     "export_merged",
+    "launch_command",
+    "pushed_repo_id",
     "push_folder_to_hub",
     "upload_file_list",
 ]
@@ -64,12 +66,100 @@ def _fmt(value) -> str:
     return str(value)
 
 
+COMMAND_ENV_VARS = (
+    "CUDA_VISIBLE_DEVICES",
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+)
+"""Environment variables that change what a run does (`make demo` sets the last four); `launch_command` shows the
+ones that are set."""
+# Set by `accelerate launch` in the processes it starts (accelerate/utils/launch.py), not by Accelerator itself.
+_ACCELERATE_LAUNCH_ENV = ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION")
+
+
+def _parent_argv() -> list[str] | None:
+    """The command line of the parent process (Linux `/proc`), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg] or None
+
+
+def _accelerate_launch_args(parent_argv: Sequence[str] | None) -> list[str] | None:
+    """What followed `accelerate launch` (or `python -m accelerate.commands.launch`) in `parent_argv`, or None."""
+    parent_argv = list(parent_argv or [])
+    for i, arg in enumerate(parent_argv):
+        if os.path.basename(arg) == "accelerate" and parent_argv[i + 1 : i + 2] == ["launch"]:
+            return parent_argv[i + 2 :]
+        if arg == "accelerate.commands.accelerate_cli" and parent_argv[i + 1 : i + 2] == ["launch"]:
+            return parent_argv[i + 2 :]
+        if arg == "accelerate.commands.launch":
+            return parent_argv[i + 1 :]
+    return None
+
+
+def launch_command(argv=None, environ=None, parent_argv=None) -> str:
+    """The command line that started this run, as far as it can be observed (for "Command to reproduce").
+
+    `accelerate launch` starts the script in a child process (directly, or through torchrun's agent in the same
+    process) and passes its own options (`--config_file`, `--num_processes`, ...) to no one: they are read from the
+    parent's command line (`/proc/<ppid>/cmdline`) when its tail is this process's `sys.argv`. When the process was
+    started by accelerate (its launcher's environment variables are set) but the parent's command line cannot be read,
+    the command says so instead of guessing the options. Otherwise: `python` + `sys.argv`. The variables of
+    `COMMAND_ENV_VARS` that are set are prefixed.
+
+    Args:
+        argv / environ / parent_argv (*optional*): default to `sys.argv`, `os.environ` and the parent's command line.
+
+    Returns:
+        `str`: a shell command line (one line, or a comment line and the command).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    env = " ".join(f"{name}={shlex.quote(environ[name])}" for name in COMMAND_ENV_VARS if name in environ)
+    prefix = f"{env} " if env else ""
+    launch_args = _accelerate_launch_args(_parent_argv() if parent_argv is None else parent_argv)
+    if launch_args is not None:
+        script_args = argv[1:]
+        tail_matches = not script_args or launch_args[-len(script_args) :] == script_args
+        names_script = argv[0] in launch_args or "-m" in launch_args or "--module" in launch_args
+        if tail_matches and names_script:
+            return f"{prefix}accelerate launch {shlex.join(launch_args)}"
+    if any(name in environ for name in _ACCELERATE_LAUNCH_ENV):
+        return (
+            "# started by `accelerate launch`, whose own options (e.g. --config_file) could not be read\n"
+            f"{prefix}accelerate launch {shlex.join(argv)}"
+        )
+    return f"{prefix}python {shlex.join(argv)}"
+
+
 def _command_text(command) -> str:
     if command is None:
-        return "python " + shlex.join(sys.argv)
+        return launch_command()
     if isinstance(command, str):
         return command
     return shlex.join(list(command))
+
+
+def pushed_repo_id(training_args) -> str:
+    """The Hub repository a push of this run goes to: `hub_model_id`, else the output folder's name (what
+    transformers' `Trainer` uses; the Hub adds the user's namespace)."""
+    hub_model_id = _get(training_args, "hub_model_id")
+    if hub_model_id:
+        return hub_model_id
+    return os.path.basename(os.path.abspath(_get(training_args, "output_dir") or "."))
+
+
+def _dataset_text(script_args) -> str:
+    name, config, path = (_get(script_args, k) for k in ("dataset_name", "dataset_config", "dataset_path"))
+    hub = f"[{name}](https://huggingface.co/datasets/{name})" + (f" ({config})" if config else "") if name else None
+    if path and hub:
+        return f"{hub}, read from a local copy at `{path}`"
+    return hub or (f"local files at `{path}`" if path else "–")
 
 
 def _is_eval_result(value) -> bool:
@@ -173,12 +263,14 @@ def build_model_card_extras(
         eval_results (*optional*): one `evaluate_gsm8k` result, or a mapping `{name: result}` (e.g.
             `{"eval_before": ..., "eval_after": ...}`); each result needs `accuracy` and may have `ci95`, `n`, `k`,
             `numeric_accuracy`, `format_rate`, `config`.
-        command (*optional*): the command line (a string or an argv list). Defaults to `python` + `sys.argv`.
+        command (*optional*): the command line (a string or an argv list). Defaults to `launch_command()`.
         total_steps (*optional*): total optimizer steps for the AQN table; defaults to `training_args.max_steps`.
 
     Returns:
         `str`: markdown wrapped in `<!-- qerl_repro: begin/end -->` markers (see `append_model_card_extras`).
     """
+    from qerl_repro.models import describe_base_model
+
     if total_steps is None:
         max_steps = _get(training_args, "max_steps", -1)
         total_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
@@ -202,11 +294,9 @@ def build_model_card_extras(
 
     use_peft = _get(model_args, "use_peft")
     prefill = _get(script_args, "assistant_prefill")
-    dataset = _get(script_args, "dataset_path") or (
-        f"{_get(script_args, 'dataset_name')} ({_get(script_args, 'dataset_config')})"
-    )
+    dataset = _dataset_text(script_args)
     rows = [
-        ("base model", _get(model_args, "model_name_or_path")),
+        ("base model", describe_base_model(_get(model_args, "model_name_or_path"))[1]),
         ("base quantization", quant_format),
         ("model dtype", _get(model_args, "dtype")),
         ("LoRA r / alpha / dropout", lora("lora_r", "lora_alpha", "lora_dropout") if use_peft else "off (full)"),

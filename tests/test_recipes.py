@@ -182,3 +182,52 @@ def test_killed_run_resumes_from_its_last_checkpoint_with_the_same_command(tiny_
     assert state["global_step"] == 40
     logged_steps = sorted({e["step"] for e in state["log_history"] if "loss" in e})
     assert logged_steps == list(range(1, 41))  # every step, before and after the kill, is in the history
+
+
+def test_model_card_of_an_accelerate_launched_run_names_real_ids_and_the_full_command(tiny_model_dir, tmp_dir):
+    """The card a push uploads (TRL's part + ours), from a run started as `make demo` starts one."""
+    import shlex
+
+    output_dir = os.path.join(tmp_dir, "tiny-nvfp4-aqn")
+    dataset_path = os.path.join("..", "shared", "data", "gsm8k")
+    launch = [
+        "--config_file", "accelerate_configs/cpu.yaml",
+        "recipes/gsm8k_nvfp4_aqn.py",
+        "--config", "recipes/SmolLM2-135M-Instruct/gsm8k_nvfp4_aqn.yaml",
+        "--model_name_or_path", tiny_model_dir,
+        "--dtype", "float32",
+        "--dataset_path", dataset_path,
+        "--output_dir", output_dir,
+        "--hub_model_id", "qerl-test/tiny-nvfp4-aqn",
+        "--max_steps", "1",
+        "--use_vllm", "false",
+        "--per_device_train_batch_size", "3",
+        "--gradient_accumulation_steps", "1",
+        "--num_generations", "3",
+        "--max_completion_length", "8",
+        "--train_limit", "3",
+        "--eval_at_start", "false",
+        "--eval_limit", "1",
+        "--eval_max_new_tokens", "8",
+        "--plots", "false",
+        "--report_to", "none",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {k: v for k, v in _subprocess_env().items() if not k.startswith("ACCELERATE_")}
+    proc = subprocess.run([accelerate, "launch", *launch], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(output_dir, "README.md")) as f:
+        card = f.read()
+    assert "None" not in card  # "Model Card for None", "[None](https://huggingface.co/None)", model="None"
+    assert "# Model Card for tiny-nvfp4-aqn" in card
+    assert f"fine-tuned version of a local model folder, `{tiny_model_dir}` (not a Hub model id)" in card
+    assert 'pipeline("text-generation", model="qerl-test/tiny-nvfp4-aqn"' in card  # the repo a push goes to
+    assert "datasets: openai/gsm8k" in card
+    assert f"| dataset | [openai/gsm8k](https://huggingface.co/datasets/openai/gsm8k) (main), read from a local copy at `{dataset_path}` |" in card  # fmt: skip
+    command_lines = card.split("### Command to reproduce\n\n```bash\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert len(command_lines) == 1
+    words = shlex.split(command_lines[0])
+    env_words = words[: words.index("accelerate")]
+    assert "HF_HUB_OFFLINE=1" in env_words and all("=" in word for word in env_words)
+    assert words[words.index("accelerate") :] == ["accelerate", "launch", *launch]  # exactly what was run

@@ -454,8 +454,9 @@ class ReportArguments:
     compare_seeds: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Two or more run folders of the same recipe with different seeds: per-run reward trends and the "
-            "run-to-run noise (written to --output as JSON when given).",
+            "help": "Two or more run folders of the same recipe with different seeds: test accuracy before vs after "
+            "(McNemar per seed, paired bootstrap across seeds) and the reward rise with a t-test across seeds "
+            "(written to --output as JSON when given).",
             "nargs": "+",
         },
     )
@@ -511,31 +512,82 @@ def run_summary(run_dir: str, window: int = 10) -> dict:
     return summary
 
 
-def compare_seed_runs(summaries: list[dict]) -> dict:
-    """The learning signal of a recipe run with several seeds, against the run-to-run noise.
+def _rewards_per_step(run_dir: str) -> tuple[list[float], list[float]]:
+    with open(os.path.join(run_dir, "trainer_state.json")) as f:
+        history = json.load(f).get("log_history", [])
+    steps = [entry for entry in history if "reward" in entry and "loss" in entry]
+    return [float(entry["step"]) for entry in steps], [float(entry["reward"]) for entry in steps]
 
-    Each summary is a `run_summary` with a `reward_trend`. The signal of a run is its last-window minus first-window
-    mean reward. The run-to-run noise is the largest gap between two runs' window means at the same position (first
-    window or last window): how much the same recipe's reward moves when only the seed changes. The signal exceeds the
-    noise when even the smallest per-run difference is larger than that gap.
+
+def _per_question(result: dict, key: str = "pass1") -> dict:
+    return {record["index"]: float(record[key]) for record in result["records"]}
+
+
+def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
+    """Did a recipe learn, judged across its seeds (run folders of the same recipe with different seeds)?
+
+    - Test accuracy, the evidence that matters: each run's `eval_before` vs `eval_after` on the same questions (exact
+      McNemar per seed on one-sample correctness), and all seeds together with the paired bootstrap over questions and
+      seeds (`qerl_repro.stats.paired_bootstrap`).
+    - Reward: each run's rise (mean of the last `window` logged steps minus the first `window`) and its reward AUC, with a
+      t-interval across seeds and a one-sample t-test of the rise against 0 (the AUC compares arms, not a run with 0). A reward can rise through a hack the
+      accuracy never sees, which is why the accuracy comparison comes first.
     """
-    trends = [summary.get("reward_trend") for summary in summaries]
-    if len(summaries) < 2 or any(trend is None for trend in trends):
-        raise ValueError("compare_seed_runs needs at least two runs, each with a reward trend (>= 2 x window steps)")
-    firsts = [trend["first"]["mean"] for trend in trends]
-    lasts = [trend["last"]["mean"] for trend in trends]
-    differences = [trend["difference"] for trend in trends]
-    noise = max(max(firsts) - min(firsts), max(lasts) - min(lasts))
-    return {
-        "runs": [summary["run_dir"] for summary in summaries],
-        "first_window_means": firsts,
-        "last_window_means": lasts,
-        "differences": differences,
-        "mean_difference": sum(differences) / len(differences),
-        "run_to_run_noise": noise,
-        "signal_exceeds_noise": min(differences) > noise,
-        "noise_definition": "largest gap between runs' window means at the same position (first or last window)",
+    from qerl_repro.stats import (
+        describe_difference,
+        mcnemar_exact,
+        one_sample_t_test,
+        paired_bootstrap,
+        reward_auc,
+        t_interval,
+    )
+
+    if len(run_dirs) < 2:
+        raise ValueError("compare_seed_runs needs at least two run folders (seeds) of the same recipe.")
+    per_run, rises, aucs, before_table, after_table, questions = [], [], [], [], [], None
+    for run_dir in run_dirs:
+        steps, rewards = _rewards_per_step(run_dir)
+        if len(rewards) < 2 * window:
+            raise ValueError(f"{run_dir}: {len(rewards)} logged steps, need at least 2 x window = {2 * window}.")
+        rise = sum(rewards[-window:]) / window - sum(rewards[:window]) / window
+        auc = reward_auc(steps, rewards)
+        rises.append(rise)
+        aucs.append(auc)
+        run = {"run_dir": run_dir, "steps": len(rewards), "reward_rise": rise, "reward_auc": auc}
+        evals = [os.path.join(run_dir, f"{name}.json") for name in ("eval_before", "eval_after")]
+        if all(os.path.isfile(path) for path in evals):
+            before, after = (_per_question(_load(path)) for path in evals)
+            if questions is None:
+                questions = sorted(before)
+            if sorted(before) != questions or sorted(after) != questions:
+                raise ValueError(f"{run_dir}: its evaluations are not on the same questions as the other runs'.")
+            before_table.append([before[q] for q in questions])
+            after_table.append([after[q] for q in questions])
+            run["accuracy_before"] = sum(before_table[-1]) / len(questions)
+            run["accuracy_after"] = sum(after_table[-1]) / len(questions)
+            # McNemar needs one 0/1 outcome per question: right when at least half the samples were
+            run["mcnemar"] = mcnemar_exact([before[q] >= 0.5 for q in questions], [after[q] >= 0.5 for q in questions])
+        per_run.append(run)
+    comparison = {
+        "runs": run_dirs,
+        "per_run": per_run,
+        "window": window,
+        "reward_rise": one_sample_t_test(rises),
+        "reward_auc": t_interval(aucs),  # for comparing arms (welch_t_test); no test against 0 (rewards are >= 0)
     }
+    comparison["reward_rise"]["in_words"] = describe_difference(
+        f"the first {window} steps",
+        f"reward over the last {window} steps",
+        comparison["reward_rise"]["mean"],
+        comparison["reward_rise"]["p_value"],
+    )
+    if len(before_table) == len(run_dirs):
+        test = paired_bootstrap(before_table, after_table)
+        test["in_words"] = describe_difference(
+            "test accuracy before training", "after training", test["difference"], test["p_value"]
+        )
+        comparison["accuracy_before_vs_after"] = test
+    return comparison
 
 
 def format_run_summary(summary: dict) -> str:
@@ -585,7 +637,7 @@ def main(argv: list[str] | None = None) -> str:
     (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.compare_seeds:
-        comparison = compare_seed_runs([run_summary(run_dir) for run_dir in args.compare_seeds])
+        comparison = compare_seed_runs(args.compare_seeds)
         text = json.dumps(comparison, indent=2)
         if args.output:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

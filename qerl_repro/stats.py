@@ -1,7 +1,7 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
 """Statistics for comparing training runs and arms: pure functions, no SciPy (not in the pinned set).
 
-- `t_interval`: mean, std and Student-t interval across seeds.
+- `t_interval`, `one_sample_t_test`: mean, std and Student-t interval across seeds; is the mean different from 0.
 - `mcnemar_exact`: two arms (or before/after) on the same questions, one sample each: exact two-sided McNemar test.
 - `paired_bootstrap`: two arms, each with several seeds, scored on the same questions: the difference of their mean
   accuracy with a percentile interval and a two-sided p-value, resampling questions (shared by both arms, which is
@@ -162,6 +162,19 @@ def paired_bootstrap(
         "num_seeds": [a.shape[0], b.shape[0]],
         "num_resamples": num_resamples,
     }
+
+
+def one_sample_t_test(values: Sequence[float], mu: float = 0.0, confidence: float = 0.95) -> dict:
+    """Is the mean of `values` (e.g. one reward rise per seed) different from `mu`? Student's t, two-sided."""
+    summary = t_interval(values, confidence)
+    if summary["n"] < 2:
+        raise ValueError("one_sample_t_test needs at least two values (seeds).")
+    se = summary["std"] / math.sqrt(summary["n"])
+    if se == 0:
+        p_value = 1.0 if summary["mean"] == mu else 0.0
+    else:
+        p_value = 2 * (1 - t_cdf(abs(summary["mean"] - mu) / se, summary["n"] - 1))
+    return {**summary, "p_value": p_value}
 
 
 def welch_t_test(values_a: Sequence[float], values_b: Sequence[float], confidence: float = 0.95) -> dict:

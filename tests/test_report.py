@@ -256,34 +256,73 @@ def _write_rewards(run_dir, rewards):
     return run_dir
 
 
+def _write_eval(run_dir, name, correct):
+    records = [{"index": q, "pass1": float(c)} for q, c in enumerate(correct)]
+    with open(os.path.join(run_dir, f"{name}.json"), "w") as f:
+        json.dump({"accuracy": sum(map(float, correct)) / len(correct), "records": records}, f)
+
+
 @pytest.mark.parametrize(
-    "rewards_a, rewards_b, noise, exceeds",
+    "rises, significant",
     [
-        # both seeds rise by 0.3; window means differ by at most 0.05 between seeds
-        ([0.1] * 10 + [0.4] * 10, [0.15] * 10 + [0.45] * 10, 0.05, True),
-        # one seed rises by 0.1, the other by 0.3: the last windows differ by 0.2 > 0.1
-        ([0.1] * 10 + [0.2] * 10, [0.1] * 10 + [0.4] * 10, 0.2, False),
-        # flat runs at different levels: no signal
-        ([0.1] * 20, [0.3] * 20, 0.2, False),
+        ([0.30, 0.32, 0.29], True),  # three seeds rise by ~0.3, seed spread 0.015: p < 0.01
+        ([0.30, -0.25, 0.02], False),  # mean +0.02 with a spread of 0.3: not distinguishable from no rise
     ],
 )
-def test_compare_seed_runs(tmp_path, rewards_a, rewards_b, noise, exceeds):
+def test_compare_seed_runs_tests_the_reward_rise_across_seeds(tmp_path, rises, significant):
     from qerl_repro.report import main
 
-    run_a = _write_rewards(str(tmp_path / "a"), rewards_a)
-    run_b = _write_rewards(str(tmp_path / "b"), rewards_b)
+    runs = [_write_rewards(str(tmp_path / f"s{i}"), [0.1] * 10 + [0.1 + r] * 10) for i, r in enumerate(rises)]
     output = str(tmp_path / "seeds.json")
-    main(["--compare_seeds", run_a, run_b, "--output", output])
+    main(["--compare_seeds", *runs, "--output", output])
     with open(output) as f:
         comparison = json.load(f)
-    assert comparison["runs"] == [run_a, run_b]
-    assert comparison["run_to_run_noise"] == pytest.approx(noise)
-    assert comparison["signal_exceeds_noise"] is exceeds
+    assert comparison["runs"] == runs
+    assert [run["reward_rise"] for run in comparison["per_run"]] == pytest.approx(rises)
+    assert comparison["reward_rise"]["mean"] == pytest.approx(sum(rises) / 3)
+    assert (comparison["reward_rise"]["p_value"] < 0.05) is significant
+    assert ("not distinguishable" in comparison["reward_rise"]["in_words"]) is not significant
+    assert "accuracy_before_vs_after" not in comparison  # no evaluations in these folders
 
 
-def test_compare_seed_runs_needs_two_trends(tmp_path):
-    from qerl_repro.report import compare_seed_runs, run_summary
+def test_compare_seed_runs_judges_learning_by_test_accuracy(tmp_path):
+    # The reward rises in both seeds, but test accuracy on the same 100 questions does not move (a reward hack) in
+    # the first case; in the second, 15 more questions are right after training in both seeds.
+    from qerl_repro.report import compare_seed_runs
 
-    short = run_summary(_write_rewards(str(tmp_path / "short"), [0.1] * 5))
-    with pytest.raises(ValueError, match="at least two runs"):
+    before = [q < 30 for q in range(100)]
+    for gained, significant in ((0, False), (15, True)):
+        runs = []
+        for seed in range(2):
+            run_dir = _write_rewards(str(tmp_path / f"g{gained}_s{seed}"), [0.1] * 10 + [0.5] * 10)
+            _write_eval(run_dir, "eval_before", before)
+            _write_eval(run_dir, "eval_after", [q < 30 + gained for q in range(100)])
+            runs.append(run_dir)
+        comparison = compare_seed_runs(runs)
+        accuracy = comparison["accuracy_before_vs_after"]
+        assert accuracy["difference"] == pytest.approx(gained / 100)
+        assert (accuracy["p_value"] < 0.05) is significant
+        for run in comparison["per_run"]:
+            assert (run["accuracy_before"], run["accuracy_after"]) == (0.30, (30 + gained) / 100)
+            assert (run["mcnemar"]["b_only"], run["mcnemar"]["a_only"]) == (gained, 0)
+            assert run["mcnemar"]["p_value"] == pytest.approx(1.0 if gained == 0 else 2 / 2**15)
+
+
+def test_compare_seed_runs_needs_two_runs_with_enough_steps(tmp_path):
+    from qerl_repro.report import compare_seed_runs
+
+    short = _write_rewards(str(tmp_path / "short"), [0.1] * 5)
+    with pytest.raises(ValueError, match="at least two run folders"):
+        compare_seed_runs([short])
+    with pytest.raises(ValueError, match="need at least 2 x window"):
         compare_seed_runs([short, short])
+
+
+def test_committed_demo_seed_comparison_regenerates(monkeypatch):
+    from qerl_repro.report import compare_seed_runs
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "results", "demo_seeds.json")) as f:
+        committed = json.load(f)
+    monkeypatch.chdir(root)
+    assert json.loads(json.dumps(compare_seed_runs(committed["runs"]))) == committed

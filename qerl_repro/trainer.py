@@ -366,7 +366,9 @@ def prepare_base_model(model, args: QeRLConfig):
         init_kwargs = dict(args.model_init_kwargs or {})
         dtype = init_kwargs.pop("dtype", "float32")
         dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        return load_base_model(model, args.quant_format, dtype=dtype, **init_kwargs)
+        return load_base_model(
+            model, args.quant_format, dtype=dtype, mxfp4_scale_mode=args.mxfp4_scale_mode, **init_kwargs
+        )
     if _has_quantized_linear(model) or getattr(model, "is_loaded_in_4bit", False):
         return model
     if args.quant_format == "nf4":

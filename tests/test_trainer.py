@@ -250,3 +250,26 @@ def test_deepspeed_zero3_refuses_what_it_would_break(tmp_dir, overrides, match):
         unset_hf_deepspeed_config()
     assert not is_deepspeed_zero3_enabled()
     QeRLConfig(tmp_dir, use_cpu=True, report_to="none", **overrides)  # without ZeRO-3 every one of them is valid
+
+
+@pytest.mark.parametrize("mode", ["floor", "rceil"])
+def test_trainer_quantizes_a_model_path_with_the_configured_mxfp4_scale_mode(mode, tiny_model_dir, tmp_dir):
+    from qerl_repro.quantization import fake_quantize
+    from qerl_repro.quantization.linear import dequantized_weight
+    from qerl_repro.testing import length_reward, lora_config, tiny_dataset
+
+    args = tiny_args(QeRLConfig, tmp_dir, quant_format="mxfp4", mxfp4_scale_mode=mode, max_steps=0)
+    trainer = QeRLTrainer(
+        model=tiny_model_dir,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=tiny_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        peft_config=lora_config(),
+    )
+    assert trainer.model.config.qerl_mxfp4_scale_mode == mode
+    layer = trainer.model.get_base_model().model.layers[0].mlp.down_proj.get_base_layer()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.layers[0].mlp.down_proj.weight
+    expected = fake_quantize(original.detach(), "mxfp4", mxfp4_scale_mode=mode)
+    assert torch.equal(dequantized_weight(layer).float(), expected.float())
+    assert not torch.equal(expected, fake_quantize(original.detach(), "mxfp4"))  # the mode matters for this layer

@@ -36,29 +36,35 @@ engine-level seed (`config.sampling.seeding == "engine"`). HF sampling seeds tor
 (`seed + first index`): reproducible for the same subset and `batch_size`.
 
 `--quant_format nvfp4|mxfp4|nf4` evaluates on the 4-bit round trip of the base (every quantized Linear replaced by its
-dequantized weight, `qerl_repro.quantization`), which is the base the training rollouts used; default `none`.
+dequantized weight, `qerl_repro.quantization`), which is the base the training rollouts used. Without it, an adapter is
+evaluated on the base its training run recorded (`training_args.bin`: `recorded_base_format`), else on `none`; a
+`--quant_format` that contradicts the record is an error (`--allow_quant_format_mismatch` to go ahead anyway).
 """
 
 import contextlib
 import dataclasses
 import datetime
 import hashlib
+import io
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from qerl_repro.data import QERL_SYSTEM_PROMPT
+from qerl_repro.errors import UserError, run_cli
 from qerl_repro.weight_sync import vllm_max_lora_rank
 
 
@@ -343,14 +349,96 @@ def resolve_model_and_adapter(model: str, adapter: str | None = None) -> tuple[s
         with open(os.path.join(model, "adapter_config.json")) as f:
             base = json.load(f).get("base_model_name_or_path")
         if not base:
-            raise ValueError(
+            raise UserError(
                 f"{model} holds a PEFT adapter without base_model_name_or_path: pass --model and --adapter"
             )
         logger.info("%s is a PEFT adapter: evaluating it on its base model %s", model, base)
         model, adapter = base, model
     if adapter is not None and not _is_adapter_dir(adapter):
-        raise FileNotFoundError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
+        what = (
+            "no such folder" if not os.path.exists(adapter) else "not a PEFT adapter folder (no adapter_config.json)"
+        )
+        raise UserError(f"--adapter {adapter}: {what}")
     return resolve_model_path(model), adapter
+
+
+@dataclass(frozen=True)
+class RecordedBase:
+    """The base a training run trained its adapter on, as recorded in its output folder (`recorded_base_format`)."""
+
+    quant_format: str
+    mxfp4_scale_mode: str | None
+    source: str  # the file it was read from
+
+
+class _Recorded:
+    """Stands in for every class a pickle names: unpickling builds these and runs no code of the pickled classes."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (__dict__, __slots__ state)
+            state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    _SAFE = {("builtins", n) for n in ("set", "frozenset", "dict", "list", "tuple", "object", "slice", "complex")}
+    _SAFE |= {("collections", "OrderedDict"), ("copyreg", "_reconstructor")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._SAFE:
+            return super().find_class(module, name)
+        return type(name, (_Recorded,), {"__module__": module})
+
+    def persistent_load(self, pid):  # torch storages: not needed to read the arguments
+        return None
+
+
+def _read_training_args(path: str):
+    """The `TrainingArguments` a `Trainer` saved with `torch.save` (`training_args.bin`), read without running code.
+
+    `torch.load` would unpickle, i.e. run whatever the file names; here every class is replaced by a plain record of
+    its attributes, so a folder downloaded from somewhere cannot execute anything. Returns None if unreadable.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                return None
+            return _RecordUnpickler(io.BytesIO(archive.read(name))).load()
+    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def recorded_base_format(adapter_dir: str) -> RecordedBase | None:
+    """The base format (`quant_format`) the run that trained `adapter_dir` used, or None if the folder does not say.
+
+    Read from `training_args.bin` (the `QeRLConfig` that `Trainer.save_model` stores next to the adapter, and in each
+    `checkpoint-*`), else from the recipe copy `recipe.yaml` that `qerl_repro.grpo` stores (only if it sets
+    `quant_format`; command-line overrides are not in it).
+    """
+    args_path = os.path.join(adapter_dir, "training_args.bin")
+    if os.path.isfile(args_path):
+        args = _read_training_args(args_path)
+        quant_format = getattr(args, "quant_format", None)
+        if isinstance(quant_format, str) and quant_format in QUANT_FORMATS:
+            scale_mode = getattr(args, "mxfp4_scale_mode", None)
+            return RecordedBase(quant_format, scale_mode if isinstance(scale_mode, str) else None, args_path)
+    recipe_path = os.path.join(adapter_dir, "recipe.yaml")
+    if os.path.isfile(recipe_path):
+        import yaml
+
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            with open(recipe_path) as f:
+                recipe = yaml.safe_load(f)
+            quant_format = recipe.get("quant_format") if isinstance(recipe, dict) else None
+            if quant_format in QUANT_FORMATS:
+                scale_mode = recipe.get("mxfp4_scale_mode")
+                return RecordedBase(quant_format, scale_mode if isinstance(scale_mode, str) else None, recipe_path)
+    return None
 
 
 def _sha256(path: str) -> str:
@@ -424,12 +512,19 @@ def _torch_dtype(dtype: str | torch.dtype, model_path: str | None = None) -> tor
     return getattr(torch, aliases.get(dtype, dtype))
 
 
-def load_dequantized_base(model_path: str, quant_format: str = "none", dtype: torch.dtype = torch.float32):
+def load_dequantized_base(
+    model_path: str,
+    quant_format: str = "none",
+    dtype: torch.dtype = torch.float32,
+    *,
+    mxfp4_scale_mode: str | None = None,
+):
     """The base model as the training rollouts saw it: every Linear the trainer quantizes replaced by a plain
     `nn.Linear` holding its dequantized 4-bit weight (`"nvfp4"`, `"mxfp4"`, `"nf4"`), or the model as is (`"none"`).
 
     Uses `qerl_repro.quantization.base.load_base_model` (same formats, skipped modules and scales as the trainer) and
     `dequantized_weight`. The result is an ordinary transformers model: save it, merge a LoRA into it, serve it.
+    `mxfp4_scale_mode` is the trainer's `QeRLConfig.mxfp4_scale_mode` (None: its default).
     """
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -441,7 +536,8 @@ def load_dequantized_base(model_path: str, quant_format: str = "none", dtype: to
     from qerl_repro.quantization.base import load_base_model
     from qerl_repro.quantization.linear import dequantized_weight, is_quantized_linear
 
-    model = load_base_model(model_path, quant_format, dtype=dtype)
+    scale_kwargs = {"mxfp4_scale_mode": mxfp4_scale_mode} if mxfp4_scale_mode else {}
+    model = load_base_model(model_path, quant_format, dtype=dtype, **scale_kwargs)
     replaced = 0
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):
@@ -458,6 +554,13 @@ def load_dequantized_base(model_path: str, quant_format: str = "none", dtype: to
         replaced += 1
     if replaced == 0:
         raise RuntimeError(f"quant_format={quant_format!r} quantized no Linear layer of {model_path}")
+    # NF4 went through transformers' bitsandbytes quantizer, which marks the model as quantized (`.to(dtype)` and
+    # `save_pretrained` then refuse it); every 4-bit layer is gone now, so undo the marks the way transformers does.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        model.__dict__.pop(attr, None)
     model.hf_quantizer = None
     for attr in ("quantization_config", "qerl_quant_format", "qerl_mxfp4_scale_mode"):
         if hasattr(model.config, attr):
@@ -469,9 +572,9 @@ def load_dequantized_base(model_path: str, quant_format: str = "none", dtype: to
     return model
 
 
-def _save_eval_model(model_path, output_dir, *, quant_format, adapter, dtype, tokenizer) -> str:
+def _save_eval_model(model_path, output_dir, *, quant_format, adapter, dtype, tokenizer, mxfp4_scale_mode=None) -> str:
     """Write the model vLLM will serve: the (dequantized 4-bit) base, with the adapter merged in fp32 if given."""
-    model = load_dequantized_base(model_path, quant_format, dtype=torch.float32)
+    model = load_dequantized_base(model_path, quant_format, dtype=torch.float32, mxfp4_scale_mode=mxfp4_scale_mode)
     if adapter is not None:
         from peft import PeftModel
 
@@ -479,6 +582,39 @@ def _save_eval_model(model_path, output_dir, *, quant_format, adapter, dtype, to
     model.to(dtype).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def load_eval_policy(
+    model_path: str,
+    quant_format: str = "none",
+    adapter: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    mxfp4_scale_mode: str | None = None,
+):
+    """The policy to evaluate as a transformers model: the (dequantized 4-bit) base in `dtype`, with the PEFT adapter
+    applied (a `PeftModel`, not merged) when given. A quantized base is built from fp32 weights, then cast once."""
+    load_dtype = dtype if quant_format == "none" else torch.float32
+    model = load_dequantized_base(model_path, quant_format, dtype=load_dtype, mxfp4_scale_mode=mxfp4_scale_mode)
+    model = model.to(dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+def _load_tokenizer(model_path: str):
+    """The model's tokenizer; a name that is no local folder and fails to load from the Hub is a `UserError`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except OSError as exc:
+        if os.path.isdir(model_path):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"no such model folder: {model_path} (and as a Hugging Face Hub id: {reason})") from exc
 
 
 def build_vllm_engine(
@@ -691,6 +827,36 @@ def write_json(data: dict, path: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _base_format(adapter: str | None, quant_format: str | None, allow_mismatch: bool) -> tuple[str, str | None]:
+    """`(quant_format, mxfp4_scale_mode)` to evaluate on: the given format, checked against the one the adapter's
+    training run recorded, or the recorded one when none is given (an adapter trained on NVFP4 must not be scored
+    on the bf16 base by default)."""
+    recorded = recorded_base_format(adapter) if adapter is not None else None
+    if recorded is None:
+        return quant_format or "none", None
+    if quant_format is None:
+        logger.info(
+            "The adapter was trained on a %s base (%s): evaluating on that base",
+            recorded.quant_format,
+            recorded.source,
+        )
+        return recorded.quant_format, recorded.mxfp4_scale_mode
+    if quant_format != recorded.quant_format:
+        message = (
+            f"the adapter {adapter} was trained on a {recorded.quant_format} base ({recorded.source}), but "
+            f"--quant_format {quant_format} was given"
+        )
+        if not allow_mismatch:
+            raise UserError(
+                f"{message}: omit --quant_format (or pass --quant_format {recorded.quant_format}) to evaluate the "
+                f"policy that was trained, or add --allow_quant_format_mismatch to evaluate it on the "
+                f"{quant_format} base anyway"
+            )
+        logger.warning("%s: evaluating on the %s base anyway (--allow_quant_format_mismatch)", message, quant_format)
+        return quant_format, None
+    return quant_format, recorded.mxfp4_scale_mode
+
+
 def evaluate_gsm8k(
     model,
     *,
@@ -710,7 +876,8 @@ def evaluate_gsm8k(
     greedy: bool = False,
     prefill: str | None = None,
     reward: str = "answer",
-    quant_format: str = "none",
+    quant_format: str | None = None,
+    allow_quant_format_mismatch: bool = False,
     merge_adapter: bool = False,
     dtype: str | torch.dtype = "auto",
     batch_size: int | None = None,
@@ -742,7 +909,10 @@ def evaluate_gsm8k(
             decodes greedily and needs `num_samples=1`.
         prefill: text every assistant reply starts with (CPU demo: `"<think>"`), rendered as in training.
         reward: correctness criterion (`CORRECTNESS_REWARDS`); numeric accuracy and format rate are always reported.
-        quant_format: evaluate on the dequantized 4-bit round trip of the base (`load_dequantized_base`).
+        quant_format: evaluate on the dequantized 4-bit round trip of the base (`load_dequantized_base`). None (the
+            default): the format the adapter's training run recorded (`recorded_base_format`), else `"none"`.
+        allow_quant_format_mismatch: evaluate with a `quant_format` that differs from the recorded one (a warning
+            instead of a `UserError`).
         merge_adapter: vLLM only: merge the adapter in fp32 into a copy of the base instead of serving it as a
             `LoRARequest` (the same model; on vLLM's CPU backend LoRA kernels are far slower than a merged model).
         dtype: model dtype (`"auto"`: the checkpoint's).
@@ -761,41 +931,40 @@ def evaluate_gsm8k(
         `k`, ...), `timing` and `records` (index, question, gold, completions, extracted, correct, numeric_correct,
         formatted, finish_reasons, num_tokens, pass1). Written to `output` when given.
     """
-    from transformers import AutoTokenizer
-
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+        raise UserError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     if reward not in CORRECTNESS_REWARDS:
-        raise ValueError(f"reward={reward!r} is not one of {list(CORRECTNESS_REWARDS)}")
-    if quant_format not in QUANT_FORMATS:
-        raise ValueError(f"quant_format={quant_format!r} is not one of {list(QUANT_FORMATS)}")
+        raise UserError(f"reward={reward!r} is not one of {list(CORRECTNESS_REWARDS)}")
+    if quant_format is not None and quant_format not in QUANT_FORMATS:
+        raise UserError(f"quant_format={quant_format!r} is not one of {list(QUANT_FORMATS)}")
     greedy = greedy or temperature == 0
     if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
+        raise UserError(f"num_samples={num_samples} must be >= 1")
     if greedy and num_samples > 1:
-        raise ValueError(f"Greedy decoding gives {num_samples} identical samples: use num_samples=1 (or sample)")
+        raise UserError(f"Greedy decoding gives {num_samples} identical samples: use num_samples=1 (or sample)")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
     in_memory = not isinstance(model, str)
     if in_memory and backend != "hf":
-        raise ValueError("An in-memory model can only be evaluated with backend='hf'")
+        raise UserError("An in-memory model can only be evaluated with backend='hf'")
     if in_memory and tokenizer is None:
-        raise ValueError("Pass the tokenizer with an in-memory model")
+        raise UserError("Pass the tokenizer with an in-memory model")
     if llm is not None and backend != "vllm":
-        raise ValueError("`llm` is a vLLM engine: use backend='vllm'")
+        raise UserError("`llm` is a vLLM engine: use backend='vllm'")
     if merge_adapter and backend != "vllm":
-        raise ValueError("merge_adapter applies to backend='vllm' (the HF backend applies the adapter with PEFT)")
+        raise UserError("merge_adapter applies to backend='vllm' (the HF backend applies the adapter with PEFT)")
 
     started = time.perf_counter()
     model_name = getattr(model, "name_or_path", type(model).__name__) if in_memory else model
     model_path, adapter = (None, adapter) if in_memory else resolve_model_and_adapter(model, adapter)
     if merge_adapter and adapter is None:
-        raise ValueError("merge_adapter=True needs an adapter (--adapter, or a training output_dir as --model)")
+        raise UserError("merge_adapter=True needs an adapter (--adapter, or a training output_dir as --model)")
     adapter_info = inspect_adapter(adapter) if adapter is not None else None
     if adapter_info is not None and adapter_info["lora_B_abs_sum"] == 0:
         logger.warning("Adapter %s has all-zero lora_B: it does not change the model (untrained?)", adapter)
+    quant_format, mxfp4_scale_mode = _base_format(adapter, quant_format, allow_quant_format_mismatch)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = _load_tokenizer(model_path)
     torch_dtype = _torch_dtype(dtype, model_path) if not in_memory else next(model.parameters()).dtype
 
     # Data and prompts
@@ -853,6 +1022,7 @@ def evaluate_gsm8k(
                     adapter=adapter if merge else None,
                     dtype=torch_dtype,
                     tokenizer=tokenizer,
+                    mxfp4_scale_mode=mxfp4_scale_mode,
                 )
                 if merge:
                     reason = f"vLLM LoRA cannot serve {unsupported}" if unsupported else "--merge_adapter"
@@ -906,14 +1076,10 @@ def evaluate_gsm8k(
                 if adapter is not None:
                     raise ValueError("Pass either an in-memory model or an adapter path, not both")
             else:
-                # Quantized bases are built from fp32 weights, as in `_save_eval_model`, then cast once.
-                load_dtype = torch_dtype if quant_format == "none" else torch.float32
-                hf_model = load_dequantized_base(model_path, quant_format, dtype=load_dtype).to(torch_dtype)
-                if adapter is not None:
-                    from peft import PeftModel
-
-                    hf_model = PeftModel.from_pretrained(hf_model, adapter)
-                    adapter_mode = "peft"
+                hf_model = load_eval_policy(
+                    model_path, quant_format, adapter, dtype=torch_dtype, mxfp4_scale_mode=mxfp4_scale_mode
+                )
+                adapter_mode = "peft" if adapter is not None else None
             if adapter_mode is not None:
                 num_lora = sum(1 for m in hf_model.modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
                 if num_lora == 0:
@@ -1048,9 +1214,17 @@ class EvaluationArguments:
         default="answer",
         metadata={"help": "Correctness criterion (answer: QeRL's exact match).", "choices": list(CORRECTNESS_REWARDS)},
     )
-    quant_format: str = field(
-        default="none",
-        metadata={"help": "Evaluate on the dequantized 4-bit base (as in training).", "choices": list(QUANT_FORMATS)},
+    quant_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate on the dequantized 4-bit base (as in training). Default: the format the adapter's "
+            "training run recorded (training_args.bin), else none.",
+            "choices": list(QUANT_FORMATS),
+        },
+    )
+    allow_quant_format_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Allow a --quant_format that differs from the one the adapter was trained on."},
     )
     merge_adapter: bool = field(
         default=False,
@@ -1087,4 +1261,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

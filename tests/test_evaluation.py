@@ -20,13 +20,11 @@ from qerl_repro.data import load_gsm8k
 from qerl_repro.errors import UserError, run_cli
 from qerl_repro.evaluation import (
     QUANT_FORMATS,
-    _save_eval_model,
     build_vllm_engine,
     evaluate_gsm8k,
     inspect_adapter,
     load_dequantized_base,
     load_eval_dataset,
-    load_eval_policy,
     main,
     mean_ci,
     pass_at_1_ci,
@@ -35,6 +33,7 @@ from qerl_repro.evaluation import (
     summarize_records,
     wilson_interval,
 )
+from qerl_repro.loading import load_policy, save_servable_model
 from qerl_repro.quantization.base import load_base_model
 from qerl_repro.quantization.linear import dequantized_weight, is_quantized_linear
 from qerl_repro.testing import tiny_args, tiny_trainer
@@ -417,13 +416,13 @@ def test_hf_policy_is_the_training_policy(quant_format, tiny_model_dir, adapter_
     input_ids = torch.randint(0, 400, (2, 11), generator=torch.Generator().manual_seed(0))
     full_precision = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), input_ids)
     for adapter in (None, adapter_dir):
-        evaluated = load_eval_policy(tiny_model_dir, quant_format, adapter, dtype=torch.float32).eval()
+        evaluated = load_policy(tiny_model_dir, quant_format, adapter, dtype=torch.float32).eval()
         assert not any(is_quantized_linear(m) for m in evaluated.modules())  # plain Linear layers: servable
         assert isinstance(evaluated, PeftModel) is (adapter is not None)  # the adapter is applied
         trained = _training_policy(tiny_model_dir, quant_format, adapter)
         torch.testing.assert_close(_logits(evaluated, input_ids), _logits(trained, input_ids), rtol=1e-5, atol=1e-5)
     if quant_format != "none":  # the 4-bit round trip is not a no-op on this model
-        base = _logits(load_eval_policy(tiny_model_dir, quant_format, dtype=torch.float32).eval(), input_ids)
+        base = _logits(load_policy(tiny_model_dir, quant_format, dtype=torch.float32).eval(), input_ids)
         assert (base - full_precision).abs().max() > 1e-3
 
 
@@ -431,7 +430,7 @@ def test_hf_policy_is_the_training_policy(quant_format, tiny_model_dir, adapter_
 def test_vllm_copy_holds_the_dequantized_base(quant_format, tiny_model_dir, tmp_dir):
     # The folder the vLLM engine loads (NF4 used to crash here: "cannot cast a bitsandbytes model in a new dtype").
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    folder = _save_eval_model(
+    folder = save_servable_model(
         tiny_model_dir, tmp_dir, quant_format=quant_format, adapter=None, dtype=torch.float32, tokenizer=tokenizer
     )
     served = load_file(os.path.join(folder, "model.safetensors"))

@@ -50,3 +50,8 @@ def test_recipe_nonexistent_model_path():
     config = os.path.join("recipes", "SmolLM2-135M-Instruct", "gsm8k_nvfp4_aqn.yaml")
     process = _run(["recipes/gsm8k_nvfp4_aqn.py", "--config", config, "--model_name_or_path", "/no/such/model"])
     _assert_one_error_line(process, "no such model folder: /no/such/model")
+
+
+def test_quantization_report_nonexistent_model_path():
+    process = _run(["-m", "qerl_repro.quantization.report", "--model", "/no/such/model", "--format", "nvfp4"])
+    _assert_one_error_line(process, "no such model folder: /no/such/model")

@@ -80,6 +80,7 @@ demo-eval: install
 		--output $(DEMO_DIR)/gsm8k_test_adapter.json
 
 # make evaluate MODEL=<path|smollm2> [ADAPTER=<lora dir>] [ARGS="--limit 100 --backend hf"]
+# An adapter is scored on the base format its training run recorded (training_args.bin) unless ARGS has --quant_format.
 evaluate: install
 	$(CPU_ENV) $(PY) -m qerl_repro.evaluation --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(DATASET_ARGS) $(ARGS)
 

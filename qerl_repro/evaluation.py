@@ -36,30 +36,66 @@ engine-level seed (`config.sampling.seeding == "engine"`). HF sampling seeds tor
 (`seed + first index`): reproducible for the same subset and `batch_size`.
 
 `--quant_format nvfp4|mxfp4|nf4` evaluates on the 4-bit round trip of the base (every quantized Linear replaced by its
-dequantized weight, `qerl_repro.quantization`), which is the base the training rollouts used; default `none`.
+dequantized weight, `qerl_repro.quantization`), which is the base the training rollouts used. Without it, an adapter is
+evaluated on the base its training run recorded (`training_args.bin`: `recorded_base_format`), else on `none`; a
+`--quant_format` that contradicts the record is an error (`--allow_quant_format_mismatch` to go ahead anyway).
+
+Where the parts live: `qerl_repro.loading` (base in a format + adapter, shared with the merged export of
+`qerl_repro.hub`), `qerl_repro.generation` (vLLM engine and transformers `generate`), `qerl_repro.scoring` (rewards
+per completion, pass@1 and its intervals). This module holds the protocol (data, prompts, `evaluate_gsm8k`, the results
+JSON) and the command line; the names above stay importable from it.
 """
 
 import contextlib
 import dataclasses
 import datetime
 import hashlib
-import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from qerl_repro.data import QERL_SYSTEM_PROMPT
-from qerl_repro.weight_sync import vllm_max_lora_rank
+from qerl_repro.errors import UserError, run_cli
+from qerl_repro.generation import (
+    Sampling,
+    build_vllm_engine,
+    engine_chunked_prefill,
+    engine_lora_rank,
+    engine_model_path,
+    generate_hf,
+    generate_vllm,
+    model_context_length,
+    next_lora_id,
+    stop_token_ids,
+)
+from qerl_repro.loading import (
+    QUANT_FORMATS,
+    inspect_adapter,
+    load_dequantized_base,
+    load_policy,
+    load_tokenizer,
+    recorded_base_format,
+    resolve_base_format,
+    resolve_dtype,
+    resolve_model_and_adapter,
+    save_servable_model,
+)
+from qerl_repro.scoring import (
+    CORRECTNESS_REWARDS,
+    mean_ci,
+    pass_at_1_ci,
+    score_completions,
+    summarize_records,
+    wilson_interval,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -67,6 +103,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "CORRECTNESS_REWARDS",
+    "QUANT_FORMATS",
     "EvaluationArguments",
     "build_vllm_engine",
     "evaluate_gsm8k",
@@ -76,10 +113,13 @@ __all__ = [
     "main",
     "mean_ci",
     "pass_at_1_ci",
+    "recorded_base_format",
+    "render_prompts",
     "resolve_model_and_adapter",
     "score_completions",
     "summarize_records",
     "wilson_interval",
+    "write_json",
 ]
 
 SCHEMA = "qerl_repro.evaluation/v1"
@@ -87,172 +127,6 @@ DEFAULT_TEMPERATURE = 0.6  # QeRL §4.1
 DEFAULT_TOP_P = 0.95  # QeRL §4.1
 DEFAULT_MAX_NEW_TOKENS = 4096  # QeRL §4.1
 BACKENDS = ("vllm", "hf")
-CORRECTNESS_REWARDS = ("answer", "numeric_answer", "math_verify")
-QUANT_FORMATS = ("none", "nvfp4", "mxfp4", "nf4")
-Z_95 = 1.959963984540054
-
-_lora_ids = itertools.count(1)  # a fresh vLLM LoRA id per evaluation: an id reused for a changed adapter is cached
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Confidence intervals (pure)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion `successes / n`.
-
-    `(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`, clipped to [0, 1]. Unlike the normal interval it is not
-    degenerate at 0 or n successes (0/50 gives [0, 0.071]).
-
-    >>> [round(x, 4) for x in wilson_interval(8, 10)]
-    [0.4902, 0.9433]
-    """
-    if n <= 0:
-        raise ValueError(f"wilson_interval needs n >= 1, got n={n}")
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes={successes} must lie in [0, n={n}]")
-    p = successes / n
-    z2 = z * z
-    denominator = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def mean_ci(values: Sequence[float], z: float = Z_95) -> tuple[float, float]:
-    """Normal-approximation interval of a mean: `mean ± z · s / sqrt(n)` (s: sample std, ddof=1), clipped to [0, 1].
-
-    Meant for per-question pass@1 means in [0, 1]. With one value the interval is that value.
-
-    >>> [round(x, 4) for x in mean_ci([0.0, 0.5, 1.0, 0.5])]
-    [0.0999, 0.9001]
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_ci needs at least one value")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, mean
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    half = z * math.sqrt(variance / n)
-    return max(0.0, mean - half), min(1.0, mean + half)
-
-
-def pass_at_1_ci(per_question: Sequence[Sequence[float]], z: float = Z_95) -> dict:
-    """pass@1 (mean over questions of the mean over samples) with its 95 % interval; see the module docstring.
-
-    Args:
-        per_question: one sequence of 0/1 correctness values (k samples) per question; k may differ per question.
-
-    Returns:
-        `dict` with `mean`, `ci95` ([low, high]), `half_width`, `method` ("wilson", "normal_per_question_mean" or
-        "wilson_zero_variance"), `std_err` (s / sqrt(n) of the per-question means), `n` and `k` (samples per question,
-        or the list when they differ).
-    """
-    if not per_question or any(len(samples) == 0 for samples in per_question):
-        raise ValueError("pass_at_1_ci needs at least one question and at least one sample per question")
-    means = [sum(map(float, samples)) / len(samples) for samples in per_question]
-    n = len(means)
-    ks = sorted({len(samples) for samples in per_question})
-    mean = sum(means) / n
-    variance = sum((m - mean) ** 2 for m in means) / (n - 1) if n > 1 else 0.0
-    if ks == [1]:
-        low, high = wilson_interval(sum(means), n, z)
-        method = "wilson"
-    elif variance == 0.0:
-        low, high = wilson_interval(sum(means), n, z)
-        method = "wilson_zero_variance"
-    else:
-        low, high = mean_ci(means, z)
-        method = "normal_per_question_mean"
-    return {
-        "mean": mean,
-        "ci95": [low, high],
-        "half_width": (high - low) / 2,
-        "method": method,
-        "std_err": math.sqrt(variance / n),
-        "n": n,
-        "k": ks[0] if len(ks) == 1 else ks,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring (pure)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def score_completions(
-    completions: Sequence[str], gold: str, *, reward: str = "answer", prefill: str | None = None
-) -> dict:
-    """Score the k completions of one question with the training reward functions of `qerl_repro.rewards`.
-
-    The prefill (when the prompt ended in one) is put back in front of each completion, so the whole assistant reply is
-    judged, as in training.
-
-    Args:
-        completions: the generated texts (without the prefill).
-        gold: the normalised gold answer (`load_gsm8k`'s `solution`).
-        reward: correctness criterion, one of `CORRECTNESS_REWARDS` (`"answer"`: QeRL's exact `<answer>` match).
-        prefill: text the assistant reply started with, or None.
-
-    Returns:
-        `dict` of per-completion lists: `extracted` (`extract_answer`, None without an `<answer>` tag), `correct`
-        (per `reward`; a `None` reward, i.e. an unparseable gold for math_verify, counts as incorrect), `numeric_correct`,
-        `formatted` (QeRL's soft format), and `pass1` (mean of `correct`).
-
-    >>> score_completions(["<think> 6 * 7 </think> <answer> 42 </answer>", "<answer> 42.0"], "42")["correct"]
-    [True, False]
-    """
-    from qerl_repro.rewards import REWARD_FUNCS, extract_answer
-
-    if reward not in CORRECTNESS_REWARDS:
-        raise ValueError(
-            f"reward={reward!r} is not a correctness criterion; choose one of {list(CORRECTNESS_REWARDS)}"
-        )
-    completions = list(completions)
-    kwargs = {"prefill": [prefill] * len(completions)} if prefill else {}
-    golds = [gold] * len(completions)
-    texts = [(prefill or "") + completion for completion in completions]
-    correct = [bool(r) for r in REWARD_FUNCS[reward](completions, golds, **kwargs)]
-    numeric = [bool(r) for r in REWARD_FUNCS["numeric_answer"](completions, golds, **kwargs)]
-    formatted = [bool(r) for r in REWARD_FUNCS["format"](completions, golds, **kwargs)]
-    return {
-        "extracted": [extract_answer(text) for text in texts],
-        "correct": correct,
-        "numeric_correct": numeric,
-        "formatted": formatted,
-        "pass1": sum(correct) / len(correct) if correct else float("nan"),
-    }
-
-
-def summarize_records(records: Sequence[dict], z: float = Z_95) -> dict:
-    """Aggregate per-question records (with `correct`, `numeric_correct`, `formatted` lists) into the headline metrics.
-
-    Returns `accuracy`, `ci95`, `ci_half_width`, `ci_method`, `std_err`, `n`, `k`, `numeric_accuracy`, `numeric_ci95`,
-    `format_rate`, `format_ci95` and, when records carry `finish_reasons`, `truncated_rate` (share of completions that
-    hit the token limit).
-    """
-    accuracy = pass_at_1_ci([r["correct"] for r in records], z)
-    numeric = pass_at_1_ci([r["numeric_correct"] for r in records], z)
-    formatted = pass_at_1_ci([r["formatted"] for r in records], z)
-    summary = {
-        "accuracy": accuracy["mean"],
-        "ci95": accuracy["ci95"],
-        "ci_half_width": accuracy["half_width"],
-        "ci_method": accuracy["method"],
-        "std_err": accuracy["std_err"],
-        "n": accuracy["n"],
-        "k": accuracy["k"],
-        "numeric_accuracy": numeric["mean"],
-        "numeric_ci95": numeric["ci95"],
-        "format_rate": formatted["mean"],
-        "format_ci95": formatted["ci95"],
-    }
-    reasons = [reason for r in records for reason in r.get("finish_reasons", [])]
-    if reasons:
-        summary["truncated_rate"] = sum(reason == "length" for reason in reasons) / len(reasons)
-    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,341 +178,6 @@ def render_prompts(dataset, tokenizer) -> list[str]:
     return texts
 
 
-def _stop_token_ids(tokenizer, model_path: str | None, model=None) -> list[int]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (vLLM stops at both by default)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and generation_config.eos_token_id is not None:
-        eos = generation_config.eos_token_id
-        ids.update([eos] if isinstance(eos, int) else list(eos))
-    if model_path is not None and os.path.isdir(model_path):
-        with contextlib.suppress(OSError, ValueError):
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-            ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    return sorted(ids)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Models and adapters
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
-def resolve_model_and_adapter(model: str, adapter: str | None = None) -> tuple[str, str | None]:
-    """`(base model path, adapter folder or None)`; `"smollm2"` is resolved to the local checkpoint.
-
-    A `model` folder holding a PEFT adapter (`adapter_config.json`, e.g. a training `output_dir`) is taken as the
-    adapter, and its `base_model_name_or_path` as the model.
-    """
-    from qerl_repro.models import resolve_model_path
-
-    if adapter is None and os.path.isdir(model) and _is_adapter_dir(model):
-        with open(os.path.join(model, "adapter_config.json")) as f:
-            base = json.load(f).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(
-                f"{model} holds a PEFT adapter without base_model_name_or_path: pass --model and --adapter"
-            )
-        logger.info("%s is a PEFT adapter: evaluating it on its base model %s", model, base)
-        model, adapter = base, model
-    if adapter is not None and not _is_adapter_dir(adapter):
-        raise FileNotFoundError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
-    return resolve_model_path(model), adapter
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def inspect_adapter(adapter_dir: str) -> dict:
-    """Facts about a PEFT LoRA adapter folder, recorded in the eval JSON and used to pick how it is applied.
-
-    Returns `path`, `sha256` (of the weights file), `r`, `lora_alpha`, `target_modules`, `modules_to_save`,
-    `use_dora`, `num_lora_tensors`, `lora_B_abs_sum` (0 means the adapter cannot change the model: an untrained LoRA)
-    and `vllm_lora_unsupported` (why vLLM's LoRA path cannot serve it, or None).
-    """
-    from safetensors import safe_open
-
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        config = json.load(f)
-    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
-    num_lora, b_abs_sum = 0, 0.0
-    with safe_open(weights, framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            if "lora_" in key:
-                num_lora += 1
-                if "lora_B" in key:
-                    b_abs_sum += float(f.get_tensor(key).float().abs().sum())
-    if config.get("peft_type", "LORA") != "LORA":
-        unsupported = f"peft_type {config.get('peft_type')}"
-    elif config.get("modules_to_save"):
-        unsupported = f"modules_to_save {config['modules_to_save']}"
-    elif config.get("use_dora"):
-        unsupported = "DoRA"
-    elif config.get("rank_pattern") or config.get("alpha_pattern"):
-        unsupported = "rank_pattern / alpha_pattern (vLLM scales every module by lora_alpha / r)"
-    elif config.get("bias", "none") != "none":
-        unsupported = f"LoRA bias={config['bias']!r}"
-    elif config.get("trainable_token_indices") or config.get("target_parameters"):
-        unsupported = "trainable_token_indices / target_parameters"
-    else:
-        unsupported = None
-    return {
-        "path": os.path.abspath(adapter_dir),
-        "sha256": _sha256(weights),
-        "r": config.get("r"),
-        "lora_alpha": config.get("lora_alpha"),
-        "target_modules": config.get("target_modules"),
-        "modules_to_save": config.get("modules_to_save"),
-        "use_dora": bool(config.get("use_dora")),
-        "num_lora_tensors": num_lora,
-        "lora_B_abs_sum": b_abs_sum,
-        "vllm_lora_unsupported": unsupported,
-    }
-
-
-def _torch_dtype(dtype: str | torch.dtype, model_path: str | None = None) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        from transformers import AutoConfig
-
-        config_dtype = getattr(AutoConfig.from_pretrained(model_path), "dtype", None) if model_path else None
-        if isinstance(config_dtype, str):
-            config_dtype = getattr(torch, config_dtype, None)
-        return config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    return getattr(torch, aliases.get(dtype, dtype))
-
-
-def load_dequantized_base(model_path: str, quant_format: str = "none", dtype: torch.dtype = torch.float32):
-    """The base model as the training rollouts saw it: every Linear the trainer quantizes replaced by a plain
-    `nn.Linear` holding its dequantized 4-bit weight (`"nvfp4"`, `"mxfp4"`, `"nf4"`), or the model as is (`"none"`).
-
-    Uses `qerl_repro.quantization.base.load_base_model` (same formats, skipped modules and scales as the trainer) and
-    `dequantized_weight`. The result is an ordinary transformers model: save it, merge a LoRA into it, serve it.
-    """
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
-    if quant_format not in QUANT_FORMATS:
-        raise ValueError(f"quant_format={quant_format!r} is not one of {list(QUANT_FORMATS)}")
-    if quant_format == "none":
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    from qerl_repro.quantization.base import load_base_model
-    from qerl_repro.quantization.linear import dequantized_weight, is_quantized_linear
-
-    model = load_base_model(model_path, quant_format, dtype=dtype)
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if not is_quantized_linear(module):
-            continue
-        weight = dequantized_weight(module).to(dtype)
-        bias = getattr(module, "bias", None)
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias.detach().to(dtype))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-        replaced += 1
-    if replaced == 0:
-        raise RuntimeError(f"quant_format={quant_format!r} quantized no Linear layer of {model_path}")
-    model.hf_quantizer = None
-    for attr in ("quantization_config", "qerl_quant_format", "qerl_mxfp4_scale_mode"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.config.qerl_eval_base = f"dequantized {quant_format}"
-    logger.info(
-        "Base %s: %d Linear layers replaced by their dequantized %s weights", model_path, replaced, quant_format
-    )
-    return model
-
-
-def _save_eval_model(model_path, output_dir, *, quant_format, adapter, dtype, tokenizer) -> str:
-    """Write the model vLLM will serve: the (dequantized 4-bit) base, with the adapter merged in fp32 if given."""
-    model = load_dequantized_base(model_path, quant_format, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.to(dtype).save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
-
-
-def build_vllm_engine(
-    model: str,
-    *,
-    enable_lora: bool = False,
-    max_lora_rank: int = 16,
-    dtype: str = "auto",
-    seed: int = 0,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float = 0.9,
-    tensor_parallel_size: int = 1,
-    max_num_seqs: int | None = None,
-    **llm_kwargs,
-):
-    """A `vllm.LLM` for evaluation, reusable across `evaluate_gsm8k(..., llm=engine)` calls on the same model.
-
-    `max_lora_rank` is rounded up to a rank vLLM accepts. On vLLM's CPU backend chunked prefill is disabled (and
-    `max_num_batched_tokens >= max_model_len`) so that seeded requests work (see the module docstring), and the
-    engine runs eagerly (no torch.compile warm-up, which cost more than it saved in CPU evaluations); `llm_kwargs`
-    override both.
-    """
-    from vllm import LLM
-    from vllm.platforms import current_platform
-
-    kwargs = dict(
-        model=model,
-        dtype=dtype,
-        seed=seed,
-        max_model_len=max_model_len,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size,
-    )
-    if max_num_seqs is not None:
-        kwargs["max_num_seqs"] = max_num_seqs
-    if enable_lora:
-        kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(max_lora_rank), max_loras=1)
-    if current_platform.is_cpu():
-        context = max_model_len or _context_length(model)
-        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(context, 4096))
-        # Measured on 2 cores (SmolLM2-135M, 16 questions x 2 samples x 128 tokens): eager 139 s, compiled 265 s.
-        kwargs["enforce_eager"] = True
-    kwargs.update(llm_kwargs)
-    logger.info("Building vLLM engine: %s", {k: v for k, v in kwargs.items()})
-    return LLM(**kwargs)
-
-
-def _context_length(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path).get_text_config()
-    return int(getattr(config, "max_position_embeddings", 4096))
-
-
-def _engine_model_path(llm) -> str:
-    return llm.llm_engine.model_config.model
-
-
-def _engine_chunked_prefill(llm) -> bool:
-    return bool(llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill)
-
-
-def _engine_lora_rank(llm) -> int | None:
-    lora_config = llm.llm_engine.vllm_config.lora_config
-    return None if lora_config is None else lora_config.max_lora_rank
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Sampling:
-    num_samples: int
-    greedy: bool
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-
-
-def _strip_stop(ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int], str]:
-    """Cut a generated sequence after its first stop token: `(ids without the stop token, finish reason)`."""
-    ids = list(ids)
-    for position, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[:position], "stop"
-    return ids, "length"
-
-
-def _generate_vllm(llm, prompt_ids, indices, sampling: _Sampling, stop_ids, tokenizer, lora_request, per_request_seed):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    def params(index: int) -> SamplingParams:
-        common = dict(
-            n=sampling.num_samples,
-            max_tokens=sampling.max_new_tokens,
-            stop_token_ids=list(stop_ids),
-            skip_special_tokens=True,
-            repetition_penalty=1.0,
-        )
-        if sampling.greedy:
-            return SamplingParams(temperature=0.0, **common)
-        seed = sampling.seed + index * sampling.num_samples if per_request_seed else None
-        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, seed=seed, **common)
-
-    prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-    outputs = llm.generate(prompts, [params(i) for i in indices], lora_request=lora_request, use_tqdm=True)
-    results = []
-    stop_set = set(stop_ids)
-    for output in outputs:
-        samples = []
-        for completion in sorted(output.outputs, key=lambda c: c.index):
-            ids, reason = _strip_stop(completion.token_ids, stop_set)
-            samples.append((tokenizer.decode(ids, skip_special_tokens=True), reason, len(ids)))
-        results.append(samples)
-    return results
-
-
-def _generate_hf(model, tokenizer, prompt_ids, indices, sampling: _Sampling, stop_ids, batch_size):
-    from transformers import GenerationConfig
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    # A fresh config: nothing from the model's generation_config (e.g. Qwen2.5's repetition_penalty 1.05, top_k 20)
-    # leaks in, so HF samples with exactly the protocol's settings, as vLLM does.
-    config = GenerationConfig(
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=not sampling.greedy,
-        num_return_sequences=sampling.num_samples,
-        eos_token_id=list(stop_ids),
-        pad_token_id=pad_id,
-        repetition_penalty=1.0,
-        top_k=0,
-        **({} if sampling.greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}),
-    )
-    device = next(model.parameters()).device
-    stop_set = set(stop_ids)
-    results = []
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start : start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        if not sampling.greedy:
-            torch.manual_seed(sampling.seed + indices[start])
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        generated = output[:, width:].tolist()
-        for row in range(len(batch)):
-            samples = []
-            for j in range(sampling.num_samples):
-                ids, reason = _strip_stop(generated[row * sampling.num_samples + j], stop_set)
-                samples.append((tokenizer.decode(ids, skip_special_tokens=True), reason, len(ids)))
-            results.append(samples)
-        logger.info("HF generate: %d / %d questions", min(start + batch_size, len(prompt_ids)), len(prompt_ids))
-    return results
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Provenance
 # ----------------------------------------------------------------------------------------------------------------------
@@ -687,8 +226,221 @@ def write_json(data: dict, path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The two backends
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prompts:
+    """The evaluated questions, in order: row in the split, gold answer, prefill, and the prompt as text and ids."""
+
+    indices: list[int]
+    golds: list[str]
+    prefills: list[str | None]
+    questions: list[str | None]
+    texts: list[str]
+    ids: list[list[int]]
+
+
+def _prompts(dataset, tokenizer) -> _Prompts:
+    columns = dataset.column_names
+    texts = render_prompts(dataset, tokenizer)
+    return _Prompts(
+        indices=dataset["index"] if "index" in columns else list(range(len(dataset))),
+        golds=dataset["solution"],
+        prefills=dataset["prefill"] if "prefill" in columns else [None] * len(dataset),
+        questions=dataset["question"] if "question" in columns else [None] * len(dataset),
+        texts=texts,
+        ids=[tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts],
+    )
+
+
+def _generate_on_vllm(
+    model_path,
+    adapter,
+    adapter_info,
+    prompts: _Prompts,
+    sampling: Sampling,
+    stop_ids,
+    tokenizer,
+    *,
+    llm,
+    quant_format,
+    mxfp4_scale_mode,
+    merge_adapter,
+    dtype,
+    engine_kwargs,
+):
+    """Serve the policy on vLLM and sample: `(generations, adapter_mode, seeding)`.
+
+    The base as is (or `llm`, a prebuilt engine on it) with the adapter as a `LoRARequest`; a 4-bit base, or an adapter
+    vLLM cannot serve (or `merge_adapter`), is served from a temporary copy (`save_servable_model`) by an engine built
+    here."""
+    from vllm.lora.request import LoRARequest
+
+    unsupported = adapter_info["vllm_lora_unsupported"] if adapter_info is not None else None
+    merge = adapter_info is not None and (merge_adapter or unsupported is not None)
+    adapter_mode = "vllm_lora_request" if adapter_info is not None and not merge else None
+    seeding = None if sampling.greedy else "per_request"
+    work_dir = None
+    try:
+        engine_model = model_path
+        if quant_format != "none" or merge:
+            if llm is not None:
+                raise UserError(
+                    "This evaluation serves a modified copy of the base (quant_format or an adapter vLLM cannot "
+                    "serve as LoRA), so it builds its own engine: do not pass `llm`."
+                )
+            work_dir = tempfile.mkdtemp(prefix="qerl_eval_model_")
+            engine_model = save_servable_model(
+                model_path,
+                work_dir,
+                quant_format=quant_format,
+                adapter=adapter if merge else None,
+                dtype=dtype,
+                tokenizer=tokenizer,
+                mxfp4_scale_mode=mxfp4_scale_mode,
+            )
+            if merge:
+                reason = f"vLLM LoRA cannot serve {unsupported}" if unsupported else "--merge_adapter"
+                adapter_mode = f"merged (fp32 merge; {reason})"
+        if llm is None:
+            longest = max(len(ids) for ids in prompts.ids)
+            max_model_len = engine_kwargs.pop("max_model_len", None)
+            context = max_model_len or min(model_context_length(engine_model), longest + sampling.max_new_tokens)
+            llm = build_vllm_engine(
+                engine_model,
+                enable_lora=adapter_mode == "vllm_lora_request",
+                max_lora_rank=adapter_info["r"] if adapter_mode == "vllm_lora_request" else 16,
+                dtype=str(dtype).removeprefix("torch."),
+                seed=sampling.seed,
+                max_model_len=context,
+                **engine_kwargs,
+            )
+        else:
+            served = engine_model_path(llm)
+            served = os.path.abspath(served) if os.path.isdir(served) else None
+            if served is not None and os.path.isdir(model_path) and served != os.path.abspath(model_path):
+                raise UserError(f"The engine serves {served}, not the model to evaluate {model_path}")
+        lora_request = None
+        if adapter_mode == "vllm_lora_request":
+            rank = engine_lora_rank(llm)
+            if rank is None:
+                raise UserError("The vLLM engine was built without enable_lora=True: it cannot apply the adapter")
+            if adapter_info["r"] > rank:
+                raise UserError(f"Adapter rank {adapter_info['r']} exceeds the engine's max_lora_rank {rank}")
+            adapter_path = os.path.abspath(adapter)
+            lora_request = LoRARequest(f"eval-{os.path.basename(adapter_path)}", next_lora_id(), adapter_path)
+        if not sampling.greedy and engine_chunked_prefill(llm):
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                logger.warning(
+                    "The vLLM CPU engine has chunked prefill on: per-request seeds would crash it, so sampling "
+                    "uses the engine seed only (results depend on batching). Build it with build_vllm_engine."
+                )
+                seeding = "engine"
+        generations = generate_vllm(
+            llm, prompts.ids, prompts.indices, sampling, stop_ids, tokenizer, lora_request, seeding == "per_request"
+        )
+    finally:
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return generations, adapter_mode, seeding
+
+
+def _generate_on_hf(
+    model,
+    model_path,
+    adapter,
+    prompts: _Prompts,
+    sampling: Sampling,
+    stop_ids,
+    tokenizer,
+    *,
+    quant_format,
+    mxfp4_scale_mode,
+    dtype,
+    batch_size,
+):
+    """Sample with transformers `generate` from `model` (in memory) or the loaded policy (`load_policy`):
+    `(generations, adapter_mode, seeding)`. The model's train/eval mode is restored afterwards."""
+    if not isinstance(model, str):
+        if adapter is not None:
+            raise UserError("Pass either an in-memory model or an adapter path, not both")
+        hf_model = model
+        adapter_mode = "in_memory" if hasattr(model, "peft_config") else None
+    else:
+        hf_model = load_policy(model_path, quant_format, adapter, dtype=dtype, mxfp4_scale_mode=mxfp4_scale_mode)
+        adapter_mode = "peft" if adapter is not None else None
+    if adapter_mode is not None:
+        num_lora = sum(1 for m in hf_model.modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
+        if num_lora == 0:
+            raise RuntimeError("The PEFT model holds no LoRA layer: the adapter would not be applied")
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        generations = generate_hf(
+            hf_model, tokenizer, prompts.ids, prompts.indices, sampling, stop_ids, batch_size or 8
+        )
+    finally:
+        hf_model.train(was_training)
+    return generations, adapter_mode, None if sampling.greedy else "per_batch"
+
+
+def _score_records(generations, prompts: _Prompts, reward: str) -> list[dict]:
+    """One record per question: its completions and their scores (`score_completions`)."""
+    records = []
+    for i, samples in enumerate(generations):
+        completions = [text for text, _, _ in samples]
+        scores = score_completions(completions, prompts.golds[i], reward=reward, prefill=prompts.prefills[i])
+        records.append(
+            {
+                "index": int(prompts.indices[i]),
+                "question": prompts.questions[i],
+                "gold": prompts.golds[i],
+                "completions": completions,
+                "extracted": scores["extracted"],
+                "correct": scores["correct"],
+                "numeric_correct": scores["numeric_correct"],
+                "formatted": scores["formatted"],
+                "finish_reasons": [reason for _, reason, _ in samples],
+                "num_tokens": [count for _, _, count in samples],
+                "pass1": scores["pass1"],
+            }
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # API
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    model, *, backend, reward, quant_format, num_samples, greedy, max_new_tokens, tokenizer, llm, merge_adapter
+):
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend!r} is not one of {list(BACKENDS)}")
+    if reward not in CORRECTNESS_REWARDS:
+        raise UserError(f"reward={reward!r} is not one of {list(CORRECTNESS_REWARDS)}")
+    if quant_format is not None and quant_format not in QUANT_FORMATS:
+        raise UserError(f"quant_format={quant_format!r} is not one of {list(QUANT_FORMATS)}")
+    if num_samples < 1:
+        raise UserError(f"num_samples={num_samples} must be >= 1")
+    if greedy and num_samples > 1:
+        raise UserError(f"Greedy decoding gives {num_samples} identical samples: use num_samples=1 (or sample)")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    in_memory = not isinstance(model, str)
+    if in_memory and backend != "hf":
+        raise UserError("An in-memory model can only be evaluated with backend='hf'")
+    if in_memory and tokenizer is None:
+        raise UserError("Pass the tokenizer with an in-memory model")
+    if llm is not None and backend != "vllm":
+        raise UserError("`llm` is a vLLM engine: use backend='vllm'")
+    if merge_adapter and backend != "vllm":
+        raise UserError("merge_adapter applies to backend='vllm' (the HF backend applies the adapter with PEFT)")
 
 
 def evaluate_gsm8k(
@@ -710,7 +462,8 @@ def evaluate_gsm8k(
     greedy: bool = False,
     prefill: str | None = None,
     reward: str = "answer",
-    quant_format: str = "none",
+    quant_format: str | None = None,
+    allow_quant_format_mismatch: bool = False,
     merge_adapter: bool = False,
     dtype: str | torch.dtype = "auto",
     batch_size: int | None = None,
@@ -742,7 +495,10 @@ def evaluate_gsm8k(
             decodes greedily and needs `num_samples=1`.
         prefill: text every assistant reply starts with (CPU demo: `"<think>"`), rendered as in training.
         reward: correctness criterion (`CORRECTNESS_REWARDS`); numeric accuracy and format rate are always reported.
-        quant_format: evaluate on the dequantized 4-bit round trip of the base (`load_dequantized_base`).
+        quant_format: evaluate on the dequantized 4-bit round trip of the base (`load_dequantized_base`). None (the
+            default): the format the adapter's training run recorded (`recorded_base_format`), else `"none"`.
+        allow_quant_format_mismatch: evaluate with a `quant_format` that differs from the recorded one (a warning
+            instead of a `UserError`).
         merge_adapter: vLLM only: merge the adapter in fp32 into a copy of the base instead of serving it as a
             `LoRARequest` (the same model; on vLLM's CPU backend LoRA kernels are far slower than a merged model).
         dtype: model dtype (`"auto"`: the checkpoint's).
@@ -761,42 +517,34 @@ def evaluate_gsm8k(
         `k`, ...), `timing` and `records` (index, question, gold, completions, extracted, correct, numeric_correct,
         formatted, finish_reasons, num_tokens, pass1). Written to `output` when given.
     """
-    from transformers import AutoTokenizer
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
-    if reward not in CORRECTNESS_REWARDS:
-        raise ValueError(f"reward={reward!r} is not one of {list(CORRECTNESS_REWARDS)}")
-    if quant_format not in QUANT_FORMATS:
-        raise ValueError(f"quant_format={quant_format!r} is not one of {list(QUANT_FORMATS)}")
     greedy = greedy or temperature == 0
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
-    if greedy and num_samples > 1:
-        raise ValueError(f"Greedy decoding gives {num_samples} identical samples: use num_samples=1 (or sample)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    in_memory = not isinstance(model, str)
-    if in_memory and backend != "hf":
-        raise ValueError("An in-memory model can only be evaluated with backend='hf'")
-    if in_memory and tokenizer is None:
-        raise ValueError("Pass the tokenizer with an in-memory model")
-    if llm is not None and backend != "vllm":
-        raise ValueError("`llm` is a vLLM engine: use backend='vllm'")
-    if merge_adapter and backend != "vllm":
-        raise ValueError("merge_adapter applies to backend='vllm' (the HF backend applies the adapter with PEFT)")
-
+    _check_arguments(
+        model,
+        backend=backend,
+        reward=reward,
+        quant_format=quant_format,
+        num_samples=num_samples,
+        greedy=greedy,
+        max_new_tokens=max_new_tokens,
+        tokenizer=tokenizer,
+        llm=llm,
+        merge_adapter=merge_adapter,
+    )
     started = time.perf_counter()
+
+    # The policy: base, its format, the adapter
+    in_memory = not isinstance(model, str)
     model_name = getattr(model, "name_or_path", type(model).__name__) if in_memory else model
     model_path, adapter = (None, adapter) if in_memory else resolve_model_and_adapter(model, adapter)
     if merge_adapter and adapter is None:
-        raise ValueError("merge_adapter=True needs an adapter (--adapter, or a training output_dir as --model)")
+        raise UserError("merge_adapter=True needs an adapter (--adapter, or a training output_dir as --model)")
     adapter_info = inspect_adapter(adapter) if adapter is not None else None
     if adapter_info is not None and adapter_info["lora_B_abs_sum"] == 0:
         logger.warning("Adapter %s has all-zero lora_B: it does not change the model (untrained?)", adapter)
+    quant_format, mxfp4_scale_mode = resolve_base_format(adapter, quant_format, allow_quant_format_mismatch)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    torch_dtype = _torch_dtype(dtype, model_path) if not in_memory else next(model.parameters()).dtype
+        tokenizer = load_tokenizer(model_path)
+    torch_dtype = resolve_dtype(dtype, model_path) if not in_memory else next(model.parameters()).dtype
 
     # Data and prompts
     if dataset is None:
@@ -815,142 +563,54 @@ def evaluate_gsm8k(
         dataset_source = dataset_path or f"{dataset_name} ({dataset_config})"
     else:
         dataset_source = "provided"
-    columns = dataset.column_names
-    indices = dataset["index"] if "index" in columns else list(range(len(dataset)))
-    prefills = dataset["prefill"] if "prefill" in columns else [None] * len(dataset)
-    questions = dataset["question"] if "question" in columns else [None] * len(dataset)
-    golds = dataset["solution"]
-    prompt_texts = render_prompts(dataset, tokenizer)
-    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
-    stop_ids = _stop_token_ids(tokenizer, model_path, model if in_memory else None)
+    prompts = _prompts(dataset, tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model_path, model if in_memory else None)
     if not stop_ids:
         raise ValueError("The tokenizer has no EOS token: generation would never stop")
-    sampling = _Sampling(num_samples, greedy, temperature, top_p, max_new_tokens, seed)
+    sampling = Sampling(num_samples, greedy, temperature, top_p, max_new_tokens, seed)
 
-    work_dir = None
-    adapter_mode = None
-    seeding = None if greedy else "per_request"
-    engine_model = model_path
-    try:
-        if backend == "vllm":
-            from vllm.lora.request import LoRARequest
-
-            lora_request = None
-            unsupported = adapter_info["vllm_lora_unsupported"] if adapter_info is not None else None
-            merge = adapter_info is not None and (merge_adapter or unsupported is not None)
-            needs_copy = quant_format != "none" or merge
-            if needs_copy:
-                if llm is not None:
-                    raise ValueError(
-                        "This evaluation serves a modified copy of the base (quant_format or an adapter vLLM cannot "
-                        "serve as LoRA), so it builds its own engine: do not pass `llm`."
-                    )
-                work_dir = tempfile.mkdtemp(prefix="qerl_eval_model_")
-                engine_model = _save_eval_model(
-                    model_path,
-                    work_dir,
-                    quant_format=quant_format,
-                    adapter=adapter if merge else None,
-                    dtype=torch_dtype,
-                    tokenizer=tokenizer,
-                )
-                if merge:
-                    reason = f"vLLM LoRA cannot serve {unsupported}" if unsupported else "--merge_adapter"
-                    adapter_mode = f"merged (fp32 merge; {reason})"
-            if adapter_info is not None and not merge:
-                adapter_mode = "vllm_lora_request"
-            if llm is None:
-                longest = max(len(ids) for ids in prompt_ids)
-                context = max_model_len or min(_context_length(engine_model), longest + max_new_tokens)
-                llm = build_vllm_engine(
-                    engine_model,
-                    enable_lora=adapter_mode == "vllm_lora_request",
-                    max_lora_rank=adapter_info["r"] if adapter_mode == "vllm_lora_request" else 16,
-                    dtype=str(torch_dtype).removeprefix("torch."),
-                    seed=seed,
-                    max_model_len=context,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    tensor_parallel_size=tensor_parallel_size,
-                    max_num_seqs=batch_size,
-                    **(vllm_kwargs or {}),
-                )
-            else:
-                served = os.path.abspath(_engine_model_path(llm)) if os.path.isdir(_engine_model_path(llm)) else None
-                if served is not None and os.path.isdir(model_path) and served != os.path.abspath(model_path):
-                    raise ValueError(f"The engine serves {served}, not the model to evaluate {model_path}")
-            if adapter_mode == "vllm_lora_request":
-                rank = _engine_lora_rank(llm)
-                if rank is None:
-                    raise ValueError("The vLLM engine was built without enable_lora=True: it cannot apply the adapter")
-                if adapter_info["r"] > rank:
-                    raise ValueError(f"Adapter rank {adapter_info['r']} exceeds the engine's max_lora_rank {rank}")
-                adapter_path = os.path.abspath(adapter)
-                lora_request = LoRARequest(f"eval-{os.path.basename(adapter_path)}", next(_lora_ids), adapter_path)
-            if not greedy and _engine_chunked_prefill(llm):
-                from vllm.platforms import current_platform
-
-                if current_platform.is_cpu():
-                    logger.warning(
-                        "The vLLM CPU engine has chunked prefill on: per-request seeds would crash it, so sampling "
-                        "uses the engine seed only (results depend on batching). Build it with build_vllm_engine."
-                    )
-                    seeding = "engine"
-            generations = _generate_vllm(
-                llm, prompt_ids, indices, sampling, stop_ids, tokenizer, lora_request, seeding == "per_request"
-            )
-        else:
-            seeding = None if greedy else "per_batch"
-            if in_memory:
-                hf_model = model
-                adapter_mode = "in_memory" if hasattr(model, "peft_config") else None
-                if adapter is not None:
-                    raise ValueError("Pass either an in-memory model or an adapter path, not both")
-            else:
-                # Quantized bases are built from fp32 weights, as in `_save_eval_model`, then cast once.
-                load_dtype = torch_dtype if quant_format == "none" else torch.float32
-                hf_model = load_dequantized_base(model_path, quant_format, dtype=load_dtype).to(torch_dtype)
-                if adapter is not None:
-                    from peft import PeftModel
-
-                    hf_model = PeftModel.from_pretrained(hf_model, adapter)
-                    adapter_mode = "peft"
-            if adapter_mode is not None:
-                num_lora = sum(1 for m in hf_model.modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
-                if num_lora == 0:
-                    raise RuntimeError("The PEFT model holds no LoRA layer: the adapter would not be applied")
-            was_training = hf_model.training
-            hf_model.eval()
-            try:
-                generations = _generate_hf(
-                    hf_model, tokenizer, prompt_ids, indices, sampling, stop_ids, batch_size or 8
-                )
-            finally:
-                hf_model.train(was_training)
-    finally:
-        if work_dir is not None:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    # Generation
+    if backend == "vllm":
+        engine_kwargs = dict(
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_num_seqs=batch_size,
+            **(vllm_kwargs or {}),
+        )
+        generations, adapter_mode, seeding = _generate_on_vllm(
+            model_path,
+            adapter,
+            adapter_info,
+            prompts,
+            sampling,
+            stop_ids,
+            tokenizer,
+            llm=llm,
+            quant_format=quant_format,
+            mxfp4_scale_mode=mxfp4_scale_mode,
+            merge_adapter=merge_adapter,
+            dtype=torch_dtype,
+            engine_kwargs=engine_kwargs,
+        )
+    else:
+        generations, adapter_mode, seeding = _generate_on_hf(
+            model,
+            model_path,
+            adapter,
+            prompts,
+            sampling,
+            stop_ids,
+            tokenizer,
+            quant_format=quant_format,
+            mxfp4_scale_mode=mxfp4_scale_mode,
+            dtype=torch_dtype,
+            batch_size=batch_size,
+        )
     seconds = time.perf_counter() - started
 
-    # Scoring
-    records = []
-    for i, samples in enumerate(generations):
-        completions = [text for text, _, _ in samples]
-        scores = score_completions(completions, golds[i], reward=reward, prefill=prefills[i])
-        records.append(
-            {
-                "index": int(indices[i]),
-                "question": questions[i],
-                "gold": golds[i],
-                "completions": completions,
-                "extracted": scores["extracted"],
-                "correct": scores["correct"],
-                "numeric_correct": scores["numeric_correct"],
-                "formatted": scores["formatted"],
-                "finish_reasons": [reason for _, reason, _ in samples],
-                "num_tokens": [count for _, _, count in samples],
-                "pass1": scores["pass1"],
-            }
-        )
+    # Scoring and the results JSON
+    records = _score_records(generations, prompts, reward)
     summary = summarize_records(records)
     num_tokens = sum(sum(r["num_tokens"]) for r in records)
     config = {
@@ -980,9 +640,9 @@ def evaluate_gsm8k(
             "subset_seed": subset_seed if dataset_source != "provided" and limit is not None else None,
             "n": len(records),
         },
-        "prefill": prefill if dataset_source != "provided" else (prefills[0] if prefills else None),
+        "prefill": prefill if dataset_source != "provided" else (prompts.prefills[0] if prompts.prefills else None),
         "system_prompt_sha256": hashlib.sha256(QERL_SYSTEM_PROMPT.encode()).hexdigest(),
-        "example_prompt": prompt_texts[0] if prompt_texts else None,
+        "example_prompt": prompts.texts[0] if prompts.texts else None,
         "batch_size": batch_size,
         "command": command if command is not None else " ".join([sys.executable, *sys.argv]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1048,9 +708,17 @@ class EvaluationArguments:
         default="answer",
         metadata={"help": "Correctness criterion (answer: QeRL's exact match).", "choices": list(CORRECTNESS_REWARDS)},
     )
-    quant_format: str = field(
-        default="none",
-        metadata={"help": "Evaluate on the dequantized 4-bit base (as in training).", "choices": list(QUANT_FORMATS)},
+    quant_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate on the dequantized 4-bit base (as in training). Default: the format the adapter's "
+            "training run recorded (training_args.bin), else none.",
+            "choices": list(QUANT_FORMATS),
+        },
+    )
+    allow_quant_format_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Allow a --quant_format that differs from the one the adapter was trained on."},
     )
     merge_adapter: bool = field(
         default=False,
@@ -1087,4 +755,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -164,7 +164,16 @@ def preflight(script_args: QeRLScriptArguments, training_args: QeRLConfig, model
 
 
 def check_can_run(script_args, training_args, model_args, extra_missing: list[str] | None = None) -> None:
-    """Exit with a message naming what is missing (GPU, Hub access) and pointing to `make demo`."""
+    """Exit with a message naming what is missing (GPU, Hub access) and pointing to `make demo`; a model path that
+    does not exist exits with one line saying so."""
+    from qerl_repro.errors import UserError
+    from qerl_repro.models import check_model_name_or_path
+
+    if model_args.model_name_or_path is not None:
+        try:
+            check_model_name_or_path(model_args.model_name_or_path)
+        except UserError as exc:
+            raise SystemExit(f"error: {exc}") from None
     missing = [*(extra_missing or []), *preflight(script_args, training_args, model_args)]
     if missing:
         message = (

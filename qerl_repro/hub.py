@@ -489,7 +489,7 @@ def export_merged(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from qerl_repro.evaluation import inspect_adapter, load_dequantized_base, resolve_model_and_adapter
+    from qerl_repro.loading import inspect_adapter, load_dequantized_base, resolve_model_and_adapter
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"fmt={fmt!r} is not one of {list(EXPORT_FORMATS)}")

@@ -283,13 +283,37 @@ def ensure_default_model(cache_dir: str | None = None, dtype: torch.dtype = torc
 def resolve_model_path(name_or_path: str) -> str:
     """Map the default-model aliases (`"smollm2"`, `"SmolLM2-135M-Instruct"`) to the converted local checkpoint.
 
-    An existing local folder of that name wins over the alias; anything else (Hub ids such as
-    `"Qwen/Qwen2.5-3B-Instruct"`, local paths) is returned unchanged.
+    An existing local folder of that name wins over the alias; local folders and names shaped like Hub ids (such as
+    `"Qwen/Qwen2.5-3B-Instruct"`) are returned unchanged; anything else raises a `UserError` saying that no such folder
+    exists (`check_model_name_or_path`).
     """
     aliases = {alias.lower() for alias in MODEL_ALIASES}
     if name_or_path.lower() in aliases and not os.path.isdir(name_or_path):
         return ensure_default_model()
+    check_model_name_or_path(name_or_path)
     return name_or_path
+
+
+def check_model_name_or_path(name_or_path: str) -> None:
+    """Raise a `UserError` for a name that is neither a local model folder nor shaped like a Hub id.
+
+    Without this, a mistyped path (`/data/run`, `./run`, `a/b/c`) reaches the Hub client, which answers "Repo id must
+    be in the form 'repo_name' or 'namespace/repo_name'". A name shaped like a Hub id (`org/name`, `name`) that is no
+    local folder is left to `from_pretrained` (it may be on the Hub).
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from qerl_repro.errors import UserError
+
+    if os.path.isdir(name_or_path):
+        return
+    if os.path.exists(name_or_path):
+        raise UserError(f"{name_or_path} is a file, not a model folder (config.json and weights)")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise UserError(f"no such model folder: {name_or_path} (and not a Hugging Face Hub model id)") from None
 
 
 @dataclass

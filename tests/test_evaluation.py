@@ -10,12 +10,16 @@ import os
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.import_utils import is_vllm_available
 
+from qerl_repro import QeRLConfig, QeRLTrainer
 from qerl_repro.data import load_gsm8k
+from qerl_repro.errors import UserError, run_cli
 from qerl_repro.evaluation import (
+    QUANT_FORMATS,
     build_vllm_engine,
     evaluate_gsm8k,
     inspect_adapter,
@@ -24,10 +28,15 @@ from qerl_repro.evaluation import (
     main,
     mean_ci,
     pass_at_1_ci,
+    recorded_base_format,
     score_completions,
     summarize_records,
     wilson_interval,
 )
+from qerl_repro.loading import load_policy, save_servable_model
+from qerl_repro.quantization.base import load_base_model
+from qerl_repro.quantization.linear import dequantized_weight, is_quantized_linear
+from qerl_repro.testing import tiny_args, tiny_trainer
 
 
 GSM8K_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
@@ -346,8 +355,12 @@ def test_argument_errors(tiny_model_dir):
         evaluate_gsm8k(tiny_model_dir, backend="hf", greedy=True, num_samples=4)
     with pytest.raises(ValueError, match="backend"):
         evaluate_gsm8k(tiny_model_dir, backend="tgi")
-    with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
+    with pytest.raises(UserError, match="not a PEFT adapter"):
         evaluate_gsm8k(tiny_model_dir, backend="hf", adapter=tiny_model_dir)
+    with pytest.raises(UserError, match="--adapter /no/such/adapter: no such folder"):
+        evaluate_gsm8k(tiny_model_dir, backend="hf", adapter="/no/such/adapter")
+    with pytest.raises(UserError, match="no such model folder: /no/such/model"):
+        evaluate_gsm8k("/no/such/model", backend="hf")
     with pytest.raises(ValueError, match="merge_adapter=True needs an adapter"):
         evaluate_gsm8k(tiny_model_dir, backend="vllm", merge_adapter=True)
     with pytest.raises(ValueError, match="merge_adapter applies to backend='vllm'"):
@@ -367,18 +380,175 @@ def test_hf_in_memory_peft_model(hf_results, tiny_model_dir, adapter_dir):
     assert _completions(result) == _completions(hf_results[1])
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Every base format x backend: the evaluated policy is the trained one (dequantized 4-bit base + adapter)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _training_policy(base_dir, quant_format, adapter=None):
+    """The policy as the trainer holds it: `load_base_model` (packed FP4 / bitsandbytes NF4 layers), LoRA unmerged."""
+    model = load_base_model(base_dir, quant_format, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def _logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.fixture(scope="module")
+def format_results(tiny_model_dir, adapter_dir, hf_results):
+    """Greedy fp32 HF results per base format: {quant_format: (base, with adapter)}."""
+    kwargs = dict(backend="hf", greedy=True, dtype="float32", **EVAL_KWARGS)
+    results = {"none": hf_results}
+    for fmt in ("nf4", "mxfp4", "nvfp4"):
+        results[fmt] = (
+            evaluate_gsm8k(tiny_model_dir, quant_format=fmt, **kwargs),
+            evaluate_gsm8k(tiny_model_dir, quant_format=fmt, adapter=adapter_dir, **kwargs),
+        )
+    return results
+
+
+@pytest.mark.parametrize("quant_format", QUANT_FORMATS)
+def test_hf_policy_is_the_training_policy(quant_format, tiny_model_dir, adapter_dir):
+    input_ids = torch.randint(0, 400, (2, 11), generator=torch.Generator().manual_seed(0))
+    full_precision = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), input_ids)
+    for adapter in (None, adapter_dir):
+        evaluated = load_policy(tiny_model_dir, quant_format, adapter, dtype=torch.float32).eval()
+        assert not any(is_quantized_linear(m) for m in evaluated.modules())  # plain Linear layers: servable
+        assert isinstance(evaluated, PeftModel) is (adapter is not None)  # the adapter is applied
+        trained = _training_policy(tiny_model_dir, quant_format, adapter)
+        torch.testing.assert_close(_logits(evaluated, input_ids), _logits(trained, input_ids), rtol=1e-5, atol=1e-5)
+    if quant_format != "none":  # the 4-bit round trip is not a no-op on this model
+        base = _logits(load_policy(tiny_model_dir, quant_format, dtype=torch.float32).eval(), input_ids)
+        assert (base - full_precision).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("quant_format", ["nf4", "mxfp4", "nvfp4"])
+def test_vllm_copy_holds_the_dequantized_base(quant_format, tiny_model_dir, tmp_dir):
+    # The folder the vLLM engine loads (NF4 used to crash here: "cannot cast a bitsandbytes model in a new dtype").
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    folder = save_servable_model(
+        tiny_model_dir, tmp_dir, quant_format=quant_format, adapter=None, dtype=torch.float32, tokenizer=tokenizer
+    )
+    served = load_file(os.path.join(folder, "model.safetensors"))
+    original = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    trained = _training_policy(tiny_model_dir, quant_format)
+    quantized = {name: m for name, m in trained.named_modules() if is_quantized_linear(m)}
+    assert len(quantized) == 14  # 7 Linear layers x 2 blocks; lm_head stays high precision
+    for name, module in quantized.items():
+        assert torch.equal(served[f"{name}.weight"], dequantized_weight(module).float()), name
+        assert not torch.equal(served[f"{name}.weight"], original[f"{name}.weight"]), name
+    assert set(served) == set(original)
+    for key in set(original) - {f"{name}.weight" for name in quantized}:  # norms, embeddings, lm_head, biases
+        assert torch.equal(served[key], original[key]), key
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert "quantization_config" not in config and config["qerl_eval_base"] == f"dequantized {quant_format}"
+
+
+@require_gsm8k
+@pytest.mark.parametrize("quant_format", QUANT_FORMATS)
+def test_every_format_on_hf_gives_results(quant_format, format_results):
+    for result, adapter_mode in zip(format_results[quant_format], (None, "peft")):
+        assert result["n"] == result["config"]["dataset"]["n"] == NUM_QUESTIONS and len(result["records"]) == 4
+        assert result["config"]["quant_format"] == quant_format and result["config"]["adapter_mode"] == adapter_mode
+    base, tuned = format_results[quant_format]
+    assert _completions(base) != _completions(tuned)  # the adapter is applied on this base too
+
+
 @require_vllm
 @require_gsm8k
-def test_quantized_base_on_both_backends(tiny_model_dir, adapter_dir, hf_results):
-    # --quant_format nvfp4: the adapter runs on the dequantized NVFP4 base, the policy the training rollouts sampled.
-    common = dict(greedy=True, dtype="float32", adapter=adapter_dir, quant_format="nvfp4", **EVAL_KWARGS)
-    hf = evaluate_gsm8k(tiny_model_dir, backend="hf", **common)
-    vllm = evaluate_gsm8k(tiny_model_dir, backend="vllm", max_model_len=512, **common)
-    assert hf["config"]["quant_format"] == vllm["config"]["quant_format"] == "nvfp4"
-    assert vllm["config"]["adapter_mode"] == "vllm_lora_request"  # LoRA served on top of the dequantized copy
-    assert _completions(vllm) == _completions(hf)
-    assert _completions(hf) != _completions(hf_results[1])  # the 4-bit base changes the outputs
+@pytest.mark.parametrize("quant_format", ["nf4", "mxfp4", "nvfp4"])  # "none": test_vllm_applies_the_adapter_...
+def test_every_format_on_vllm_matches_hf(quant_format, tiny_model_dir, adapter_dir, format_results):
+    # One engine per 4-bit format: it serves a dequantized copy of the base. (The module's shared engine is not used
+    # here: an engine built and freed in the same process tears down vLLM's process-wide parallel state under it.)
+    common = dict(greedy=True, dtype="float32", adapter=adapter_dir, quant_format=quant_format, **EVAL_KWARGS)
+    result = evaluate_gsm8k(tiny_model_dir, backend="vllm", max_model_len=512, **common)
+    assert result["n"] == NUM_QUESTIONS and result["config"]["quant_format"] == quant_format
+    assert result["config"]["adapter_mode"] == "vllm_lora_request"  # LoRA served on top of the (dequantized) base
+    assert _completions(result) == _completions(format_results[quant_format][1])  # fp32 greedy: same tokens as HF
+
+
+@require_vllm
+@require_gsm8k
+def test_cli_nf4_base_on_vllm(tiny_model_dir, format_results, tmp_dir):
+    # The command of the bug report (`--quant_format nf4`, vLLM backend, no adapter), on the tiny model.
+    output = os.path.join(tmp_dir, "nf4.json")
+    argv = ["--model", tiny_model_dir, "--quant_format", "nf4", "--backend", "vllm", "--greedy", "--dtype", "float32"]
+    argv += ["--dataset_path", GSM8K_DIR, "--limit", str(NUM_QUESTIONS), "--max_new_tokens", str(MAX_NEW_TOKENS)]
+    result = main([*argv, "--max_model_len", "512", "--output", output])
+    with open(output) as f:
+        written = json.load(f)
+    assert written["n"] == NUM_QUESTIONS and written["config"]["quant_format"] == "nf4"
+    assert _completions(result) == _completions(format_results["nf4"][0])
+
+
+@require_vllm
+@require_gsm8k
+def test_vllm_merged_adapter_on_a_quantized_base(tiny_model_dir, adapter_dir, format_results):
     # --merge_adapter (the CPU route for a demo adapter): merged into the dequantized copy, same policy.
+    common = dict(greedy=True, dtype="float32", adapter=adapter_dir, quant_format="nvfp4", **EVAL_KWARGS)
     merged = evaluate_gsm8k(tiny_model_dir, backend="vllm", max_model_len=512, merge_adapter=True, **common)
     assert merged["config"]["adapter_mode"] == "merged (fp32 merge; --merge_adapter)"
-    assert _completions(merged) == _completions(hf)
+    assert _completions(merged) == _completions(format_results["nvfp4"][1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# An adapter is evaluated on the base it was trained on
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nvfp4_run(tiny_model_dir, tmp_path_factory):
+    """The output_dir of a real one-step QeRLTrainer run on the NVFP4 base, as `make evaluate MODEL=...` gets it."""
+    output_dir = str(tmp_path_factory.mktemp("nvfp4_run"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = tiny_trainer(QeRLTrainer, model, tokenizer, tiny_args(QeRLConfig, output_dir, quant_format="nvfp4"))
+    trainer.train()
+    trainer.save_model(output_dir)
+    return output_dir
+
+
+def test_recorded_base_format_of_a_training_run(nvfp4_run, tmp_path):
+    recorded = recorded_base_format(nvfp4_run)
+    assert recorded is not None and recorded.quant_format == "nvfp4" and recorded.mxfp4_scale_mode == "even"
+    assert recorded.source == os.path.join(nvfp4_run, "training_args.bin")
+    assert recorded_base_format(str(tmp_path)) is None  # nothing recorded: the caller's default applies
+    (tmp_path / "recipe.yaml").write_text("model_name_or_path: smollm2\nquant_format: mxfp4\n")
+    assert recorded_base_format(str(tmp_path)).quant_format == "mxfp4"  # the recipe copy qerl_repro.grpo stores
+
+
+def test_training_args_are_read_without_running_pickled_code(tmp_path):
+    class Payload:  # unpickling this calls os.system in torch.load; it must not here
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    torch.save({"quant_format": Payload()}, str(tmp_path / "training_args.bin"))
+    assert recorded_base_format(str(tmp_path)) is None and not (tmp_path / "ran").exists()
+
+
+@require_gsm8k
+def test_adapter_is_evaluated_on_its_training_base(nvfp4_run, caplog):
+    kwargs = dict(backend="hf", greedy=True, dtype="float32", **EVAL_KWARGS)
+    default = evaluate_gsm8k(nvfp4_run, **kwargs)  # `make evaluate MODEL=<run>`: no --quant_format
+    assert default["config"]["quant_format"] == "nvfp4" and default["config"]["adapter_mode"] == "peft"
+    explicit = evaluate_gsm8k(nvfp4_run, quant_format="nvfp4", **kwargs)
+    assert _completions(default) == _completions(explicit)
+    with pytest.raises(UserError, match=r"trained on a nvfp4 base .*training_args.bin.*--quant_format none was given"):
+        evaluate_gsm8k(nvfp4_run, quant_format="none", **kwargs)
+    with caplog.at_level("WARNING", logger="qerl_repro"):
+        forced = evaluate_gsm8k(nvfp4_run, quant_format="none", allow_quant_format_mismatch=True, **kwargs)
+    assert forced["config"]["quant_format"] == "none"
+    assert any("nvfp4 base" in r.getMessage() and "none base anyway" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_format_mismatch_is_one_line(nvfp4_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--model", nvfp4_run, "--backend", "hf", "--quant_format", "mxfp4"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "trained on a nvfp4 base" in message and "--quant_format mxfp4" in message

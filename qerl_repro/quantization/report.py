@@ -209,11 +209,13 @@ class QuantReportArguments:
 
 
 def resolve_model_path(model: str) -> str:
-    """'smollm2' -> the embedded default checkpoint (converted once); anything else is returned unchanged."""
-    if model.lower() in ("smollm2", "default"):
-        from qerl_repro.models import ensure_default_model
+    """'smollm2' -> the embedded default checkpoint (converted once); a folder or a Hub id is returned unchanged, and
+    a path that does not exist is a `UserError` (`qerl_repro.models.check_model_name_or_path`)."""
+    from qerl_repro.models import check_model_name_or_path, ensure_default_model
 
+    if model.lower() in ("smollm2", "default"):
         return ensure_default_model()
+    check_model_name_or_path(model)
     return model
 
 
@@ -238,4 +240,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from qerl_repro.errors import run_cli
+
+    run_cli(main)

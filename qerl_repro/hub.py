@@ -465,7 +465,8 @@ def export_merged(
     output_dir: str,
     *,
     fmt: str = "bf16",
-    base_quant_format: str = "none",
+    base_quant_format: str | None = None,
+    allow_quant_format_mismatch: bool = False,
 ) -> str:
     """Merge a LoRA adapter into its base (PEFT `merge_and_unload` in fp32) and save a servable model.
 
@@ -476,11 +477,13 @@ def export_merged(
         fmt: `"bf16"` (default) or `"fp32"` weights; `"nvfp4"` / `"mxfp4"`: the merged weights cast to bf16, quantized
             with `qerl_repro.quantization.base.quantize_model_` and written as a compressed-tensors checkpoint
             (`qerl_repro.quantization.export.save_compressed_tensors`; vLLM serves it on GPUs).
-        base_quant_format: `"none"` merges into the high-precision base. A QeRL adapter was trained on the 4-bit base:
-            `"nvfp4"` / `"mxfp4"` / `"nf4"` merge into the dequantized 4-bit base instead
-            (`qerl_repro.evaluation.load_dequantized_base`), which is the policy the training rollouts sampled from
-            (dequant(Q(W)) + BA). Re-quantizing a merged model (`fmt="nvfp4"`) quantizes W + BA: close to, not equal
-            to, the trained policy.
+        base_quant_format: the base the adapter was trained on; None (default) reads it (and the MXFP4 scale mode)
+            from the training run's `training_args.bin` / `recipe.yaml` beside the adapter
+            (`qerl_repro.loading.resolve_base_format`), `"none"` when nothing is recorded. `"nvfp4"` / `"mxfp4"` /
+            `"nf4"` merge into the dequantized 4-bit base (`qerl_repro.loading.load_dequantized_base`), which is the
+            policy the training rollouts sampled from (dequant(Q(W)) + BA); a format contradicting the record is an
+            error unless `allow_quant_format_mismatch`. Re-quantizing a merged model (`fmt="nvfp4"`) quantizes
+            W + BA: close to, not equal to, the trained policy.
 
     Returns:
         `str`: `output_dir`.
@@ -489,7 +492,12 @@ def export_merged(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from qerl_repro.loading import inspect_adapter, load_dequantized_base, resolve_model_and_adapter
+    from qerl_repro.loading import (
+        inspect_adapter,
+        load_dequantized_base,
+        resolve_base_format,
+        resolve_model_and_adapter,
+    )
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"fmt={fmt!r} is not one of {list(EXPORT_FORMATS)}")
@@ -502,7 +510,11 @@ def export_merged(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     # QeRL: a quantized base cannot hold a merged LoRA; merge in fp32 into the high-precision (or dequantized) base.
-    model = load_dequantized_base(base_path, base_quant_format, dtype=torch.float32)
+    base_quant_format, mxfp4_scale_mode = resolve_base_format(
+        adapter_dir, base_quant_format, allow_quant_format_mismatch
+    )
+    scale_kwargs = {"mxfp4_scale_mode": mxfp4_scale_mode} if mxfp4_scale_mode else {}
+    model = load_dequantized_base(base_path, base_quant_format, dtype=torch.float32, **scale_kwargs)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     os.makedirs(output_dir, exist_ok=True)
     if fmt in ("bf16", "fp32"):
@@ -519,7 +531,7 @@ def export_merged(
                 f"({exc}); export fmt='bf16' instead"
             ) from exc
         model = model.to(torch.bfloat16)
-        quantize_model_(model, fmt)
+        quantize_model_(model, fmt, **(scale_kwargs if fmt == "mxfp4" else {}))
         save_compressed_tensors(model, output_dir, tokenizer=tokenizer)
     with open(os.path.join(output_dir, "qerl_export.json"), "w") as f:
         json.dump(
@@ -527,6 +539,7 @@ def export_merged(
                 "format": fmt,
                 "base_model": base_path,
                 "base_quant_format": base_quant_format,
+                "mxfp4_scale_mode": mxfp4_scale_mode,
                 "merge": "peft merge_and_unload in fp32",
                 "adapter": adapter_info,
             },

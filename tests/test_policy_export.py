@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 from qerl_repro import QeRLConfig, QeRLTrainer
+from qerl_repro.errors import UserError
 from qerl_repro.hub import export_merged, upload_file_list
 from qerl_repro.quantization.base import load_base_model, quantize_model_
 from qerl_repro.quantization.linear import FP4Linear
@@ -125,7 +126,8 @@ def test_merged_export_is_the_trained_policy(fp32_run, tiny_model_dir, tmp_dir):
     input_ids = _input_ids(policy.config.vocab_size)
     reference = _logits(policy, input_ids)
 
-    fp32_dir = export_merged(output_dir, None, os.path.join(tmp_dir, "fp32"), fmt="fp32", base_quant_format=fmt)
+    # The base format is read from the run (training_args.bin beside the adapter): nothing to pass
+    fp32_dir = export_merged(output_dir, None, os.path.join(tmp_dir, "fp32"), fmt="fp32")
     with open(os.path.join(fp32_dir, "qerl_export.json")) as f:
         assert json.load(f)["base_quant_format"] == fmt
     merged = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
@@ -145,8 +147,17 @@ def test_merged_export_is_the_trained_policy(fp32_run, tiny_model_dir, tmp_dir):
     assert bf16_diff <= BF16_ATOL, bf16_diff
 
     # Broken exports fail the same checks: the adapter merged into the high-precision base (the pre-fix default
-    # `base_quant_format="none"`), and the dequantized base without the merge.
-    wrong_base = export_merged(output_dir, None, os.path.join(tmp_dir, "wrong_base"), fmt="fp32")
+    # `base_quant_format="none"`, now an error unless forced), and the dequantized base without the merge.
+    with pytest.raises(UserError, match=f"trained on a {fmt} base"):
+        export_merged(output_dir, None, os.path.join(tmp_dir, "refused"), fmt="fp32", base_quant_format="none")
+    wrong_base = export_merged(
+        output_dir,
+        None,
+        os.path.join(tmp_dir, "wrong_base"),
+        fmt="fp32",
+        base_quant_format="none",
+        allow_quant_format_mismatch=True,
+    )
     wrong_base_diff = _max_diff(_logits(AutoModelForCausalLM.from_pretrained(wrong_base), input_ids), reference)
     assert wrong_base_diff > 5 * BF16_ATOL, wrong_base_diff
     with policy.disable_adapter():

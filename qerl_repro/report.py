@@ -513,7 +513,12 @@ def run_summary(run_dir: str, window: int = 10) -> dict:
 
 
 def _rewards_per_step(run_dir: str) -> tuple[list[float], list[float]]:
-    with open(os.path.join(run_dir, "trainer_state.json")) as f:
+    from qerl_repro.errors import UserError
+
+    path = os.path.join(run_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is not a training run folder (no trainer_state.json)")
+    with open(path) as f:
         history = json.load(f).get("log_history", [])
     steps = [entry for entry in history if "reward" in entry and "loss" in entry]
     return [float(entry["step"]) for entry in steps], [float(entry["reward"]) for entry in steps]
@@ -533,6 +538,7 @@ def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
       t-interval across seeds and a one-sample t-test of the rise against 0 (the AUC compares arms, not a run with 0). A reward can rise through a hack the
       accuracy never sees, which is why the accuracy comparison comes first.
     """
+    from qerl_repro.errors import UserError
     from qerl_repro.stats import (
         describe_difference,
         mcnemar_exact,
@@ -543,12 +549,12 @@ def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
     )
 
     if len(run_dirs) < 2:
-        raise ValueError("compare_seed_runs needs at least two run folders (seeds) of the same recipe.")
+        raise UserError("compare_seed_runs needs at least two run folders (seeds) of the same recipe.")
     per_run, rises, aucs, before_table, after_table, questions = [], [], [], [], [], None
     for run_dir in run_dirs:
         steps, rewards = _rewards_per_step(run_dir)
         if len(rewards) < 2 * window:
-            raise ValueError(f"{run_dir}: {len(rewards)} logged steps, need at least 2 x window = {2 * window}.")
+            raise UserError(f"{run_dir}: {len(rewards)} logged steps, need at least 2 x window = {2 * window}.")
         rise = sum(rewards[-window:]) / window - sum(rewards[:window]) / window
         auc = reward_auc(steps, rewards)
         rises.append(rise)
@@ -560,7 +566,7 @@ def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
             if questions is None:
                 questions = sorted(before)
             if sorted(before) != questions or sorted(after) != questions:
-                raise ValueError(f"{run_dir}: its evaluations are not on the same questions as the other runs'.")
+                raise UserError(f"{run_dir}: its evaluations are not on the same questions as the other runs'.")
             before_table.append([before[q] for q in questions])
             after_table.append([after[q] for q in questions])
             run["accuracy_before"] = sum(before_table[-1]) / len(questions)
@@ -676,4 +682,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from qerl_repro.errors import run_cli
+
+    run_cli(main)

@@ -75,6 +75,8 @@ def test_python_m_command_runs(argv, tmp_path, monkeypatch):
     if any(a.startswith("runs/") for a in args):
         for run in {a for a in args if a.startswith("runs/")}:
             shutil.copytree(os.path.join(ROOT, "results", run.removeprefix("runs/")), tmp_path / run)
+    for folder in {a for a in args if a.startswith("results/") and os.path.isdir(os.path.join(ROOT, a))}:
+        shutil.copytree(os.path.join(ROOT, folder), tmp_path / folder)
     if "--output" in args:
         args[args.index("--output") + 1] = str(tmp_path / "out.json")
     result = subprocess.run(

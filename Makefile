@@ -1,6 +1,5 @@
 # qerl_repro: every target is declared in .PHONY; `make install` is idempotent (stamp keyed on the requirements files).
-.PHONY: install style quality test slow_test demo demo-eval evaluate reproduce-table1 bench quant-report model clean-venv \
-	testbed testbed-eval testbed-pilot
+.PHONY: install style quality test slow_test demo demo-eval evaluate reproduce-table1 bench quant-report model clean-venv testbed testbed-eval testbed-pilot
 
 check_dirs := qerl_repro recipes tests
 PYTHON ?= python3

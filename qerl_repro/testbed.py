@@ -416,14 +416,71 @@ def evaluate_base(
     sampled pass@1 also with the per-question interval of `pass_at_1_ci`, since samples of one question are
     correlated), `group_hit` (questions with at least one right sample of `num_samples`), `hf_agreement` and records.
     """
-    import gc
-
-    from qerl_repro.evaluation import evaluate_gsm8k, write_json
+    import shutil
+    import tempfile
 
     dataset = load_split("test", limit=limit)
+    from qerl_repro.evaluation import write_json
+
+    work_dir = tempfile.mkdtemp(prefix="qerl_testbed_base_")
+    try:
+        served = save_dequantized_base(model_dir, quant_format, work_dir) if quant_format != "none" else model_dir
+        result = _evaluate_served_base(served, dataset, num_samples, temperature, seed, hf_check)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    result["model"] = model_dir
+    result["quant_format"] = quant_format
+    result["config"]["organism"] = _organism_info(model_dir)
+    result["config"]["base"] = (
+        "the bf16 checkpoint"
+        if quant_format == "none"
+        else f"qerl_repro.evaluation.load_dequantized_base({quant_format!r}) (fp32 dequantization), saved in bf16"
+    )
+    if output is not None:
+        write_json(result, output)
+    logger.info(
+        "%s: greedy %.3f, pass@1 T%.1f %.3f, group hit %.3f (n=%d)",
+        quant_format,
+        result["greedy"]["rate"],
+        temperature,
+        result["sampled"]["pass1"],
+        result["group_hit"]["rate"],
+        result["n"],
+    )
+    return result
+
+
+def save_dequantized_base(model_dir: str, quant_format: str, output_dir: str) -> str:
+    """The 4-bit base as training sees it (`load_dequantized_base`: the trainer's quantizer, NF4 via bitsandbytes),
+    saved as a plain bf16 checkpoint for vLLM. The weights are copied into a fresh model of the same config: casting a
+    bitsandbytes-loaded model (`.to(dtype)`) raises in transformers even after its Linears were replaced, which is what
+    `qerl_repro.evaluation`'s own NF4 path hits."""
+    from transformers import AutoModelForCausalLM
+
+    from qerl_repro.evaluation import load_dequantized_base
+
+    dequantized = load_dequantized_base(model_dir, quant_format, dtype=torch.float32)
+    state = {name: tensor.detach().to(torch.bfloat16) for name, tensor in dequantized.state_dict().items()}
+    config = dequantized.config
+    config.dtype = torch.bfloat16
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RuntimeError(f"Dequantized {quant_format} state does not fit the model: {missing=} {unexpected=}")
+    fresh.tie_weights()
+    fresh.generation_config = dequantized.generation_config
+    fresh.save_pretrained(output_dir)
+    build_tokenizer().save_pretrained(output_dir)
+    return output_dir
+
+
+def _evaluate_served_base(model_dir, dataset, num_samples, temperature, seed, hf_check) -> dict:
+    import gc
+
+    from qerl_repro.evaluation import evaluate_gsm8k
+
     common = dict(
         dataset=dataset,
-        quant_format=quant_format,
         reward="answer",
         max_new_tokens=MAX_NEW_TOKENS,
         dtype="bfloat16",
@@ -443,8 +500,6 @@ def evaluate_base(
     hits = sum(any(r["correct"]) for r in sampled["records"])
     result = {
         "schema": "qerl_repro.testbed.base/v1",
-        "model": model_dir,
-        "quant_format": quant_format,
         "n": n,
         "greedy": {**_rate(greedy_right, n), "backend": "vllm"},
         "sampled": {
@@ -470,7 +525,6 @@ def evaluate_base(
         "max_new_tokens": MAX_NEW_TOKENS,
         "criterion": "answer (stripped reply == gold sum)",
         "engine_dtype": "bfloat16",
-        "organism": _organism_info(model_dir),
         "command": " ".join([os.path.basename(sys.executable), "-m", "qerl_repro.testbed", *sys.argv[1:]]),
         "git_commit": greedy["config"].get("git_commit"),
         "git_dirty": greedy["config"].get("git_dirty"),
@@ -487,17 +541,6 @@ def evaluate_base(
         }
         for g, s in zip(greedy["records"], sampled["records"])
     ]
-    if output is not None:
-        write_json(result, output)
-    logger.info(
-        "%s: greedy %.3f, pass@1 T%.1f %.3f, group hit %.3f (n=%d)",
-        quant_format,
-        result["greedy"]["rate"],
-        temperature,
-        result["sampled"]["pass1"],
-        result["group_hit"]["rate"],
-        n,
-    )
     return result
 
 
@@ -785,7 +828,7 @@ def main(argv: list[str] | None = None) -> None:
         path = os.path.join(args.results_dir, "README.md")
         with open(path, "w") as f:
             f.write(summarize_results(args.results_dir))
-        logger.info("Wrote %s", path)
+        sys.stdout.write(path + "\n")
 
 
 if __name__ == "__main__":

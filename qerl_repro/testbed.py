@@ -352,7 +352,7 @@ def build_organism(output_dir: str, config: OrganismConfig | None = None, *, num
         "validation_curve": curve,
         "build_seconds": round(seconds, 1),
         "num_threads": num_threads,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "qerl_repro.testbed", *sys.argv[1:]]),
         "versions": _versions(),
     }
     with open(os.path.join(output_dir, MARKER), "w") as f:

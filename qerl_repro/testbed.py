@@ -23,6 +23,7 @@ training stops at the first check where sampled pass@1 (T 1.0) of the *bf16* mod
 """
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -738,8 +739,7 @@ def summarize_results(results_dir: str) -> str:
             )
         files = ", ".join(f"`base_{r['quant_format']}.json`" for r in rows)
         lines += ["", f"Files: {files}.", ""]
-    pilot_path = os.path.join(results_dir, "pilot.json")
-    if os.path.isfile(pilot_path):
+    for pilot_path in sorted(glob.glob(os.path.join(results_dir, "pilot*.json"))):
         with open(pilot_path) as f:
             pilot = json.load(f)
         lines += [f"## GRPO pilot ({pilot['description']})", "", pilot["command_note"], ""]
@@ -756,7 +756,7 @@ def summarize_results(results_dir: str) -> str:
                 f"{_pct(b['greedy'])} {_ci(b['greedy_ci95'])} | {_pct(a['greedy'])} {_ci(a['greedy_ci95'])} | "
                 f"{100 * d['mean']:+.1f} {_ci(d['ci95'])} |"
             )
-        lines += ["", pilot.get("conclusion", ""), "", "File: `pilot.json`.", ""]
+        lines += ["", pilot.get("conclusion", ""), "", f"File: `{os.path.basename(pilot_path)}`.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -638,8 +638,9 @@ def summarize_pilot_arm(run_dir: str, name: str, *, greedy: bool = True) -> dict
     return arm
 
 
-def pilot_conclusion(arms: list[dict]) -> str:
-    """One sentence per arm, from the paired before/after difference of test pass@1 (no hand-typed numbers)."""
+def pilot_conclusion(arms: list[dict], between: dict | None = None) -> str:
+    """One sentence per arm, from the paired before/after difference of test pass@1, and one on the difference between
+    two arms after training (no hand-typed numbers)."""
     sentences = []
     for arm in arms:
         d = arm["paired_difference"]
@@ -653,6 +654,19 @@ def pilot_conclusion(arms: list[dict]) -> str:
         sentences.append(
             f"{arm['name']}: test pass@1 at T 1.0 {verdict}: {100 * d['mean']:+.1f} points "
             f"[{100 * low:+.1f}, {100 * high:+.1f}] over {d['n']} questions after {arm['steps']} steps."
+        )
+    if between is not None:
+        low, high = between["ci95"]
+        distinguishable = low > 0 or high < 0
+        sentences.append(
+            f"{between['arms'][0]} minus {between['arms'][1]} after training: {100 * between['mean']:+.1f} points "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired over questions), "
+            + (
+                "outside sampling noise on these questions, but with one seed per arm a seed effect cannot be told "
+                "apart from an arm effect."
+                if distinguishable
+                else "not distinguishable at this sample size (and one seed per arm)."
+            )
         )
     return " ".join(sentences)
 
@@ -822,14 +836,24 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "pilot":
         from qerl_repro.evaluation import write_json
 
-        arms = [summarize_pilot_arm(run_dir, name) for name, _, run_dir in (a.partition("=") for a in args.arm)]
+        pairs = [(name, run_dir) for name, _, run_dir in (a.partition("=") for a in args.arm)]
+        arms = [summarize_pilot_arm(run_dir, name) for name, run_dir in pairs]
+        between = None
+        if len(pairs) == 2:
+            (first, first_dir), (second, second_dir) = pairs
+            after = []
+            for run_dir in (first_dir, second_dir):
+                with open(os.path.join(run_dir, "eval_after.json")) as f:
+                    after.append(json.load(f)["records"])
+            between = {"arms": [second, first], **_paired_difference(after[0], after[1])}
         write_json(
             {
                 "schema": "qerl_repro.testbed.pilot/v1",
                 "description": args.description,
                 "command_note": args.command_note,
                 "arms": arms,
-                "conclusion": pilot_conclusion(arms),
+                "between_arms_after": between,
+                "conclusion": pilot_conclusion(arms, between),
             },
             args.output,
         )

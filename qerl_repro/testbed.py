@@ -156,8 +156,8 @@ def build_tokenizer():
 class OrganismConfig:
     """Architecture and training of the organism (the build's arguments; recorded in `testbed.json`).
 
-    `train_size` first rows of the train split are cycled through (`TRAIN_SIZE` = 200k > the ~1000-2000 x 128 rows a
-    build sees)."""
+    The first `train_size` rows of the train split are what SFTTrainer shuffles and cycles through (the committed build
+    stopped after 475 x 64 rows, fewer than the 200k)."""
 
     hidden_size: int = 256
     intermediate_size: int = 768

@@ -169,6 +169,21 @@ def test_tiny_build_gives_a_loadable_hf_folder(tiny_organism):
         assert json.load(f)["config"]["train_size"] == 512
 
 
+def test_build_is_deterministic_given_the_seed(tiny_organism, tmp_dir):
+    """The same config builds bit-identical weights (one thread; the data and the trainer are seeded)."""
+    from safetensors.torch import load_file
+
+    path, _ = tiny_organism
+    again = os.path.join(tmp_dir, "again")
+    testbed.build_organism(again, testbed.OrganismConfig(max_steps=3, eval_every=1000, train_size=512, batch_size=16))
+    first, second = (
+        load_file(os.path.join(path, "model.safetensors")),
+        load_file(os.path.join(again, "model.safetensors")),
+    )
+    assert first.keys() == second.keys()
+    assert all(first[name].equal(second[name]) for name in first)
+
+
 def test_grpo_recipe_runs_one_step_from_the_organism(tiny_organism, tmp_dir):
     """recipes/testbed_grpo.py end to end (subprocess, 1 step, HF generate): trains, evaluates on the test split."""
     path, _ = tiny_organism

@@ -1,5 +1,5 @@
 # qerl_repro: every target is declared in .PHONY; `make install` is idempotent (stamp keyed on the requirements files).
-.PHONY: install style quality test slow_test demo demo-eval evaluate reproduce-table1 bench quant-report model clean-venv
+.PHONY: install style quality test slow_test demo demo-eval evaluate reproduce-table1 bench quant-report model clean-venv testbed testbed-eval testbed-pilot
 
 check_dirs := qerl_repro recipes tests
 PYTHON ?= python3
@@ -92,6 +92,32 @@ reproduce-table1: install
 			|| exit 1; \
 	done; done
 	$(PY) -m qerl_repro.report --results_dir $(TABLE1_DIR) --output results/table1_$(SCALE).md --plots
+
+# The CPU testbed's model organism (qerl_repro.testbed): built once into TESTBED_DIR (skipped when already built),
+# then each base (bf16, NF4, MXFP4, NVFP4) measured on the fixed test set and the summary regenerated.
+TESTBED_DIR ?= data/testbed/adder3
+TESTBED_RESULTS ?= results/testbed
+TESTBED_RUNS ?= runs/testbed
+testbed: install
+	$(CPU_ENV) OMP_NUM_THREADS=1 $(PY) -m qerl_repro.testbed build --output_dir $(TESTBED_DIR) --results_dir $(TESTBED_RESULTS)
+
+testbed-eval: testbed
+	for fmt in none nf4 mxfp4 nvfp4; do \
+		$(CPU_ENV) OMP_NUM_THREADS=1 $(PY) -m qerl_repro.testbed evaluate --model $(TESTBED_DIR) --quant_format $$fmt \
+			--output $(TESTBED_RESULTS)/base_$$fmt.json || exit 1; \
+	done
+	$(PY) -m qerl_repro.testbed summary --results_dir $(TESTBED_RESULTS)
+
+# Two-arm GRPO pilot from the organism (one seed each, one after the other), then test accuracy before/after.
+TESTBED_PILOT_ARMS ?= testbed_nvfp4_lora testbed_nvfp4_aqn
+testbed-pilot: testbed
+	for arm in $(TESTBED_PILOT_ARMS); do \
+		$(CPU_ENV) OMP_NUM_THREADS=1 $(ACCELERATE) launch --config_file accelerate_configs/cpu.yaml recipes/testbed_grpo.py \
+			--config recipes/testbed/$$arm.yaml --output_dir $(TESTBED_RUNS)/$$arm $(ARGS) || exit 1; \
+	done
+	$(CPU_ENV) OMP_NUM_THREADS=1 $(PY) -m qerl_repro.testbed pilot --output $(TESTBED_RESULTS)/pilot.json \
+		$(foreach arm,$(TESTBED_PILOT_ARMS),--arm $(arm)=$(TESTBED_RUNS)/$(arm))
+	$(PY) -m qerl_repro.testbed summary --results_dir $(TESTBED_RESULTS)
 
 model: install
 	$(PY) -m qerl_repro.models

@@ -242,7 +242,16 @@ def build_trainer(
     )
 
 
-def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args: ModelConfig) -> dict:
+def main(
+    script_args: QeRLScriptArguments,
+    training_args: QeRLConfig,
+    model_args: ModelConfig,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+) -> dict:
+    """Train and evaluate; `train_dataset` / `eval_dataset` (rows with `prompt`, `solution`, `question`) replace
+    GSM8K when given (the CPU testbed, `qerl_repro.testbed.grpo_main`)."""
     from qerl_repro.data import add_assistant_prefill, load_gsm8k
     from qerl_repro.evaluation import load_eval_dataset
     from qerl_repro.hub import launch_command
@@ -286,10 +295,12 @@ def main(script_args: QeRLScriptArguments, training_args: QeRLConfig, model_args
         dataset_name=script_args.dataset_name,
         dataset_config=script_args.dataset_config,
     )
-    train_dataset = load_gsm8k("train", limit=script_args.train_limit, seed=training_args.seed, **data_kwargs)
-    eval_dataset = load_eval_dataset(
-        "test", limit=script_args.eval_limit, subset_seed=script_args.eval_subset_seed, **data_kwargs
-    )
+    if train_dataset is None:
+        train_dataset = load_gsm8k("train", limit=script_args.train_limit, seed=training_args.seed, **data_kwargs)
+    if eval_dataset is None:
+        eval_dataset = load_eval_dataset(
+            "test", limit=script_args.eval_limit, subset_seed=script_args.eval_subset_seed, **data_kwargs
+        )
 
     # Tokenizer
     model_path = resolve_model_path(model_args.model_name_or_path)

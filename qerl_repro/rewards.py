@@ -16,6 +16,7 @@ the whole assistant reply. `None` means "no reward defined" (TRL turns it into N
 | `shaped_format`             | `shaped_format_reward`             | 0.05 per tag, 0.2 | CPU demo (no placeholders)   |
 | `strict_numeric_format`     | `strict_numeric_format_reward`     | 0.2               | CPU demo, reward-hack guard  |
 | `answer_starts_with_number` | `answer_starts_with_number_reward` | 0.1               | CPU demo                     |
+| `exact_reply`               | `exact_reply_reward`               | 2.0               | CPU testbed (`testbed.py`)   |
 
 The paper recipes use `format` + `answer` (QeRL's `utils/rewards.py`: total in {0, 0.2, 2.0, 2.2}).
 """
@@ -290,6 +291,28 @@ def answer_starts_with_number_reward(completions: list, solution: list[str] | No
     return rewards
 
 
+def exact_reply_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+    """CPU testbed: 2.0 if the whole reply, stripped of surrounding whitespace, is the gold answer, else 0.0.
+
+    For `qerl_repro.testbed`, whose replies are bare numbers (`"1234+5678="` -> `"6912"`): no tags, no number
+    normalisation, no partial or format credit, so nothing pays without the right answer (a `"06912"` or `"6912 6912"`
+    earns 0.0). For such replies it agrees with `answer_reward`, which the evaluation uses.
+
+    Args:
+        completions (`list`): conversational completions or strings.
+        solution (`list[str]`): the gold answers.
+        **kwargs: other dataset columns; `prefill` is prepended to each reply.
+
+    Returns:
+        `list[float]`: 2.0 or 0.0 per completion.
+
+    >>> exact_reply_reward(["6912", "6911", " 6912 "], solution=["6912", "6912", "6912"])
+    [2.0, 0.0, 2.0]
+    """
+    texts = _completion_texts(completions, kwargs.get("prefill"))
+    return [ANSWER_REWARD if text.strip() == gold else 0.0 for text, gold in zip(texts, solution, strict=True)]
+
+
 REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "format": format_reward,
     "answer": answer_reward,
@@ -298,6 +321,7 @@ REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "shaped_format": shaped_format_reward,
     "strict_numeric_format": strict_numeric_format_reward,
     "answer_starts_with_number": answer_starts_with_number_reward,
+    "exact_reply": exact_reply_reward,
 }
 """Short names (the YAML `reward_funcs` entries) -> reward functions."""
 

@@ -29,7 +29,8 @@ COMMAND = re.compile(r"accelerate launch --config_file (\S+) (recipes/\S+\.py) -
 
 
 def test_every_table1_row_has_a_recipe():
-    assert [os.path.splitext(os.path.basename(p))[0] for p in RECIPES] == sorted(TABLE1_RECIPES)
+    gsm8k = [os.path.splitext(os.path.basename(p))[0] for p in RECIPES if os.path.basename(p).startswith("gsm8k_")]
+    assert gsm8k == sorted(TABLE1_RECIPES)  # recipes/testbed_grpo.py: tests/test_testbed.py
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
@@ -51,7 +52,11 @@ def test_docstring_commands_reference_existing_files_that_parse(recipe):
         assert training_args.quant_format in ("none", "nvfp4", "mxfp4", "nf4")
 
 
-@pytest.mark.parametrize("config", sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*.yaml"))))
+# recipes/testbed/*.yaml (the CPU testbed's rows) are checked in tests/test_testbed.py.
+TABLE1_YAMLS = sorted(p for p in glob.glob(os.path.join(ROOT, "recipes", "*", "*.yaml")) if "/testbed/" not in p)
+
+
+@pytest.mark.parametrize("config", TABLE1_YAMLS)
 def test_recipe_yaml_matches_its_table1_row(config):
     recipe = os.path.splitext(os.path.basename(config))[0]
     with open(config) as f:

@@ -150,7 +150,11 @@ def test_smoke_run_skip_on_rerun_and_report(tiny_organism, tmp_dir):
         assert m["test_after"]["n"] == 6 and m["test_after"]["k"] == 2 and len(m["test_after"]["ci95"]) == 2
         assert m["test_after"]["first_sample"]["ci_method"] == "wilson"
         assert result["per_question"]["index"] == list(range(6)) and len(result["per_question"]["pass1_before"]) == 6
-        assert "completions" not in contents[-1]  # compact: per-question pass@1 only
+        assert '"completions":' not in contents[-1]  # compact: per-question pass@1 only
+        assert result["config"]["overrides"][:2] == [
+            "--output_dir",
+            os.path.join(runs, "adder3", "bf16_lora-seed42" if "bf16" in path else "nvfp4_aqn-seed42"),
+        ]
 
     started = time.perf_counter()
     again = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -169,7 +173,7 @@ def test_smoke_run_skip_on_rerun_and_report(tiny_organism, tmp_dir):
         text = f.read()
     assert "make reproduce-table1 SCALE=cpu SEEDS=1 ROWS=bf16_lora,nvfp4_aqn" in text
     assert "| BF16 | LoRA | 1 |" in text and "| NVFP4 | LoRA + AQN (QeRL) | 1 |" in text
-    assert "| NVFP4 | LoRA | 0 | not run | – | 83.3 (+22.2) | 88.5 (+12.2) | – |" in text  # paper columns as printed
+    assert "| NVFP4 | LoRA | 0 | not run | – | – | – | 83.3 (+22.2) | 88.5 (+12.2) | – |" in text  # paper, as printed
     assert "| BF16 LoRA | NVFP4 LoRA + AQN (QeRL) |" in text and "McNemar (first sample" in text
     assert "![reward and entropy per step](table1_cpu.png)" in text
     with open(os.path.join(tmp_dir, "results", "table1_cpu.png"), "rb") as f:

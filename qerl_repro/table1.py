@@ -230,9 +230,17 @@ def _curve(history: list[dict], key: str) -> dict:
 
 
 def collect(
-    scale: str, model: str, row: str, seed: int | None, run_dir: str, command: list[str], wall_seconds: float
+    scale: str,
+    model: str,
+    row: str,
+    seed: int | None,
+    run_dir: str,
+    command: list[str],
+    wall_seconds: float,
+    git: dict | None = None,
 ) -> dict:
-    """The results JSON of one finished row/seed, from the files its command wrote into `run_dir`."""
+    """The results JSON of one finished row/seed, from the files its command wrote into `run_dir`; `git`: the
+    commit the command was started from (default: the current one)."""
     import yaml
 
     from qerl_repro.evaluation import _git_info
@@ -249,7 +257,7 @@ def collect(
         "seed": seed,
         "command": shlex.join(command),
         "run_dir": run_dir,
-        "git": _git_info(),
+        "git": git or _git_info(),
         "versions": _versions(),
         "machine": _machine(),
         "wall_seconds": round(wall_seconds, 1),
@@ -370,6 +378,9 @@ def run_grid(
         os.makedirs(os.path.join(ROOT, run_dir), exist_ok=True)
         log_path = os.path.join(ROOT, run_dir + ".log")
         logger.info("run %s seed %s: %s (log: %s)", row, seed, shlex.join(command), log_path)
+        from qerl_repro.evaluation import _git_info
+
+        git = _git_info()  # the code the run starts from (the tree may change while it runs)
         started = time.perf_counter()
         with open(log_path, "a") as log:
             process = subprocess.run(_executable(command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -378,7 +389,7 @@ def run_grid(
             with open(log_path) as f:
                 tail = "".join(f.readlines()[-40:])
             raise SystemExit(f"error: {row} seed {seed} failed (exit {process.returncode}); log {log_path}:\n{tail}")
-        _write_json(collect(scale, model, row, seed, run_dir, command, seconds), os.path.join(ROOT, path))
+        _write_json(collect(scale, model, row, seed, run_dir, command, seconds, git), os.path.join(ROOT, path))
         logger.info("finished %s seed %s in %.0f s -> %s", row, seed, seconds, path)
         done.append({"row": row, "seed": seed, "status": "ran", "path": path, "seconds": seconds})
     return done

@@ -191,3 +191,17 @@ def test_committed_table_is_regenerated_from_the_committed_jsons():
             assert run["metrics"]["test_after"]["n"] == testbed.TEST_SIZE
             gold = testbed.load_split("test")["index"]
             assert run["per_question"]["index"] == gold
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(ROOT, "results", "testbed", "base_nvfp4.json")), reason="no committed base eval"
+)
+def test_base_rows_read_the_testbed_evaluation_output():
+    """An untrained-base row is read from `python -m qerl_repro.testbed evaluate`'s JSON (the committed one here)."""
+    with open(os.path.join(ROOT, "results", "testbed", "base_nvfp4.json")) as f:
+        evaluation = json.load(f)
+    summary, per_question = table1.test_metrics(evaluation)
+    assert summary["pass1"] == evaluation["sampled"]["pass1"] and summary["ci95"] == evaluation["sampled"]["ci95"]
+    assert summary["n"] == testbed.TEST_SIZE and summary["k"] == testbed.GROUP_SIZE
+    assert sum(per_question["pass1"]) / summary["n"] == pytest.approx(summary["pass1"])
+    assert summary["first_sample"]["rate"] == evaluation["sampled"]["first_sample"]["rate"]

@@ -18,11 +18,7 @@ GSM8K_PATH ?= ../shared/data/gsm8k
 DATASET_ARGS := $(if $(wildcard $(GSM8K_PATH)/train.jsonl),--dataset_path $(GSM8K_PATH),)
 CPU_ENV := HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=2 TOKENIZERS_PARALLELISM=false
 DEMO_DIR ?= runs/demo
-TABLE1_RECIPES := gsm8k_bf16_full gsm8k_bf16_lora gsm8k_nf4_qlora gsm8k_mxfp4_lora gsm8k_nvfp4_lora gsm8k_nvfp4_aqn
 SCALE ?= gpu
-TABLE1_MODELS := $(if $(filter cpu,$(SCALE)),SmolLM2-135M-Instruct,Qwen2.5-3B-Instruct Qwen2.5-7B-Instruct)
-TABLE1_ACCELERATE := $(if $(filter cpu,$(SCALE)),accelerate_configs/cpu.yaml,accelerate_configs/single_gpu.yaml)
-TABLE1_DIR ?= runs/table1
 
 install: $(INSTALL_STAMP)
 
@@ -84,14 +80,20 @@ demo-eval: install
 evaluate: install
 	$(CPU_ENV) $(PY) -m qerl_repro.evaluation --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER),) $(DATASET_ARGS) $(ARGS)
 
-# Table 1 grid (SCALE=gpu: Qwen2.5-3B/7B on GPUs; SCALE=cpu: the same grid on SmolLM2-135M), then the results table.
-reproduce-table1: install
-	for model in $(TABLE1_MODELS); do for recipe in $(TABLE1_RECIPES); do \
-		$(if $(filter cpu,$(SCALE)),$(CPU_ENV),) $(ACCELERATE) launch --config_file $(TABLE1_ACCELERATE) recipes/$$recipe.py \
-			--config recipes/$$model/$$recipe.yaml --output_dir $(TABLE1_DIR)/$$model-$$recipe $(DATASET_ARGS) $(ARGS) \
-			|| exit 1; \
-	done; done
-	$(PY) -m qerl_repro.report --results_dir $(TABLE1_DIR) --output results/table1_$(SCALE).md --plots
+# Table 1 grid (qerl_repro.table1): the untrained BF16/NF4/MXFP4/NVFP4 bases and every training row (plus BF16 LoRA + AQN,
+# QeRL #11), SEEDS seeds each (42, 43, ...), one at a time; a row/seed whose results JSON exists is skipped, so the same
+# command resumes a killed grid (the killed run resumes from its checkpoint). Then results/table1_$(SCALE).md + .png.
+# SCALE=cpu: the CPU testbed (recipes/testbed/*.yaml); SCALE=gpu: MODEL=Qwen2.5-3B-Instruct (default) or 7B.
+# ROWS=nvfp4_lora,nvfp4_aqn selects rows; ARGS="--max_steps 2" passes flags to the training recipes.
+SEEDS ?= 1
+TABLE1_MODEL := $(or $(MODEL),Qwen2.5-3B-Instruct)
+TABLE1_DEPS := install $(if $(filter cpu,$(SCALE)),testbed,)
+reproduce-table1: $(TABLE1_DEPS)
+	$(if $(filter cpu,$(SCALE)),$(CPU_ENV) OMP_NUM_THREADS=1,) $(PY) -m qerl_repro.table1 run --scale $(SCALE) \
+		$(if $(filter cpu,$(SCALE)),,--model $(TABLE1_MODEL)) --seeds $(SEEDS) $(if $(ROWS),--rows $(ROWS),) \
+		$(if $(filter cpu,$(SCALE)),,$(if $(wildcard $(GSM8K_PATH)/train.jsonl),--dataset_path $(GSM8K_PATH),)) \
+		$(if $(ARGS),--extra "$(ARGS)",)
+	$(PY) -m qerl_repro.table1 report --scale $(SCALE)
 
 # The CPU testbed's model organism (qerl_repro.testbed): built once into TESTBED_DIR (skipped when already built),
 # then each base (bf16, NF4, MXFP4, NVFP4) measured on the fixed test set and the summary regenerated.

@@ -121,6 +121,7 @@ class TestRecipes:
         "testbed_mxfp4_lora": ("mxfp4", False, True),
         "testbed_nvfp4_lora": ("nvfp4", False, True),
         "testbed_nvfp4_aqn": ("nvfp4", True, True),
+        "testbed_bf16_aqn": ("none", True, True),  # not a paper row: QeRL issue #11's ablation
     }
 
     def test_one_yaml_per_table1_row(self):

@@ -328,15 +328,16 @@ def _write_json(data: dict, path: str) -> None:
 
 
 def plan(rows: list[str], seeds: int) -> list[tuple[str, int | None]]:
-    """(row, seed) in the order they run: untrained bases once (seed None), training rows with seeds 42, 43, ..."""
+    """(row, seed) in the order they run: untrained bases once (seed None), then seed 42 of every training row, then
+    seed 43 of every row, ...: a grid stopped part-way leaves every arm at the same number of seeds (give or take one)."""
     unknown = [row for row in rows if row not in ROWS]
     if unknown:
         raise SystemExit(f"error: unknown rows {unknown}; valid rows: {', '.join(ROWS)}")
     if seeds < 1:
         raise SystemExit(f"error: --seeds {seeds} must be >= 1")
-    jobs = []
-    for row in rows:
-        jobs += [(row, FIRST_SEED + i) for i in range(seeds)] if ROWS[row].trained else [(row, None)]
+    jobs = [(row, None) for row in rows if not ROWS[row].trained]
+    for i in range(seeds):
+        jobs += [(row, FIRST_SEED + i) for row in rows if ROWS[row].trained]
     return jobs
 
 

@@ -21,9 +21,9 @@ class TestRows:
     def test_plan_runs_bases_once_and_training_rows_per_seed(self):
         assert table1.plan(["nvfp4", "nvfp4_lora", "bf16_aqn"], 2) == [
             ("nvfp4", None),  # an untrained base is evaluated once
-            ("nvfp4_lora", 42),
-            ("nvfp4_lora", 43),
+            ("nvfp4_lora", 42),  # seed-major: a grid stopped part-way leaves the arms at equal seed counts
             ("bf16_aqn", 42),
+            ("nvfp4_lora", 43),
             ("bf16_aqn", 43),
         ]
 

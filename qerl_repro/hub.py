@@ -511,7 +511,12 @@ def export_merged(
 
     # QeRL: a quantized base cannot hold a merged LoRA; merge in fp32 into the high-precision (or dequantized) base.
     base_quant_format, mxfp4_scale_mode = resolve_base_format(
-        adapter_dir, base_quant_format, allow_quant_format_mismatch
+        adapter_dir,
+        base_quant_format,
+        allow_quant_format_mismatch,
+        format_option="base_quant_format",
+        override_option="allow_quant_format_mismatch=True",
+        action="export",
     )
     scale_kwargs = {"mxfp4_scale_mode": mxfp4_scale_mode} if mxfp4_scale_mode else {}
     model = load_dequantized_base(base_path, base_quant_format, dtype=torch.float32, **scale_kwargs)

@@ -346,12 +346,20 @@ def load_tokenizer(model_path: str):
         raise UserError(f"no such model folder: {model_path} (and as a Hugging Face Hub id: {reason})") from exc
 
 
-def resolve_base_format(adapter: str | None, quant_format: str | None, allow_mismatch: bool) -> tuple[str, str | None]:
+def resolve_base_format(
+    adapter: str | None,
+    quant_format: str | None,
+    allow_mismatch: bool,
+    *,
+    format_option: str = "--quant_format",
+    override_option: str = "--allow_quant_format_mismatch",
+    action: str = "evaluate",
+) -> tuple[str, str | None]:
     """`(quant_format, mxfp4_scale_mode)` of the base to load under `adapter`: the given format, checked against the one
     the adapter's training run recorded (`recorded_base_format`), or the recorded one when `quant_format` is None (an
     adapter trained on NVFP4 must not be scored on the bf16 base by default); `"none"` when nothing is given or
     recorded. A given format that contradicts the record is a `UserError` naming both, or a warning when
-    `allow_mismatch`."""
+    `allow_mismatch`; the message names the caller's options (`format_option`, `override_option`) and `action`."""
     recorded = recorded_base_format(adapter) if adapter is not None else None
     if recorded is None:
         return quant_format or "none", None
@@ -365,14 +373,13 @@ def resolve_base_format(adapter: str | None, quant_format: str | None, allow_mis
     if quant_format != recorded.quant_format:
         message = (
             f"the adapter {adapter} was trained on a {recorded.quant_format} base ({recorded.source}), but "
-            f"--quant_format {quant_format} was given"
+            f"{format_option} {quant_format} was given"
         )
         if not allow_mismatch:
             raise UserError(
-                f"{message}: omit --quant_format (or pass --quant_format {recorded.quant_format}) to evaluate the "
-                f"policy that was trained, or add --allow_quant_format_mismatch to evaluate it on the "
-                f"{quant_format} base anyway"
+                f"{message}: omit {format_option} (or pass {format_option} {recorded.quant_format}) to {action} the "
+                f"policy that was trained, or add {override_option} to {action} it on the {quant_format} base anyway"
             )
-        logger.warning("%s: evaluating on the %s base anyway (--allow_quant_format_mismatch)", message, quant_format)
+        logger.warning("%s: using the %s base anyway (%s)", message, quant_format, override_option)
         return quant_format, None
     return quant_format, recorded.mxfp4_scale_mode

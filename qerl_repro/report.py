@@ -524,15 +524,23 @@ def _rewards_per_step(run_dir: str) -> tuple[list[float], list[float]]:
     return [float(entry["step"]) for entry in steps], [float(entry["reward"]) for entry in steps]
 
 
-def _per_question(result: dict, key: str = "pass1") -> dict:
-    return {record["index"]: float(record[key]) for record in result["records"]}
+def _per_question(result: dict) -> tuple[dict, dict]:
+    """Per question: pass@1 (mean over its samples) and whether its first sample was right (McNemar's one 0/1 outcome
+    per question, as in `qerl_repro.table1`)."""
+    records = result["records"]
+    pass1 = {record["index"]: float(record["pass1"]) for record in records}
+    first = {
+        record["index"]: bool(record["correct"][0]) if "correct" in record else record["pass1"] >= 1
+        for record in records
+    }
+    return pass1, first
 
 
 def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
     """Did a recipe learn, judged across its seeds (run folders of the same recipe with different seeds)?
 
     - Test accuracy, the evidence that matters: each run's `eval_before` vs `eval_after` on the same questions (exact
-      McNemar per seed on one-sample correctness), and all seeds together with the paired bootstrap over questions and
+      McNemar per seed on each question's first sample), and all seeds together with the paired bootstrap over questions and
       seeds (`qerl_repro.stats.paired_bootstrap`).
     - Reward: each run's rise (mean of the last `window` logged steps minus the first `window`) and its reward AUC, with a
       t-interval across seeds and a one-sample t-test of the rise against 0 (the AUC compares arms, not a run with 0). A reward can rise through a hack the
@@ -562,7 +570,7 @@ def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
         run = {"run_dir": run_dir, "steps": len(rewards), "reward_rise": rise, "reward_auc": auc}
         evals = [os.path.join(run_dir, f"{name}.json") for name in ("eval_before", "eval_after")]
         if all(os.path.isfile(path) for path in evals):
-            before, after = (_per_question(_load(path)) for path in evals)
+            (before, before_first), (after, after_first) = (_per_question(_load(path)) for path in evals)
             if questions is None:
                 questions = sorted(before)
             if sorted(before) != questions or sorted(after) != questions:
@@ -571,8 +579,7 @@ def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
             after_table.append([after[q] for q in questions])
             run["accuracy_before"] = sum(before_table[-1]) / len(questions)
             run["accuracy_after"] = sum(after_table[-1]) / len(questions)
-            # McNemar needs one 0/1 outcome per question: right when at least half the samples were
-            run["mcnemar"] = mcnemar_exact([before[q] >= 0.5 for q in questions], [after[q] >= 0.5 for q in questions])
+            run["mcnemar"] = mcnemar_exact([before_first[q] for q in questions], [after_first[q] for q in questions])
         per_run.append(run)
     comparison = {
         "runs": run_dirs,

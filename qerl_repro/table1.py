@@ -106,6 +106,16 @@ def _eval_settings(scale: str, model: str) -> dict:
     }
 
 
+def accelerate_config(scale: str, model: str, row: str) -> str:
+    """The launcher config of a training row: the CPU, one GPU, or ZeRO-3 across GPUs for 7B full fine-tuning (its fp32
+    weights, gradients and AdamW state, 122 GB, do not fit on one 80 GB GPU: `python -m qerl_repro.memory`)."""
+    if scale == "cpu":
+        return "accelerate_configs/cpu.yaml"
+    if row == "bf16_full" and "7B" in model:
+        return "accelerate_configs/deepspeed_zero3.yaml"
+    return "accelerate_configs/single_gpu.yaml"
+
+
 def build_command(
     scale: str,
     model: str,
@@ -124,7 +134,7 @@ def build_command(
     extra = list(extra or [])
     settings = _eval_settings(scale, model)
     if ROWS[row].trained:
-        accelerate = "accelerate_configs/cpu.yaml" if scale == "cpu" else "accelerate_configs/single_gpu.yaml"
+        accelerate = accelerate_config(scale, model, row)
         script = "recipes/testbed_grpo.py" if scale == "cpu" else f"recipes/gsm8k_{row}.py"
         command = ["accelerate", "launch", "--config_file", accelerate, script]
         command += ["--config", recipe_config(scale, model, row), "--output_dir", run_dir, "--seed", str(seed)]
@@ -313,7 +323,7 @@ def _write_json(data: dict, path: str) -> None:
     text = json.dumps(data, indent=1)
     # numeric lists (per-question pass@1, curves) on one line each: the JSONs stay small and diffable
     text = re.sub(
-        r"\[(?:\s*-?[\d.eE+-]+,?)+\s*\]",
+        r"\[\s*[\d.eE+-]+(?:,\s*[\d.eE+-]+)*\s*\]",  # separators mandatory: no exponential backtracking
         lambda m: "[" + ", ".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]",
         text,
     )
@@ -433,7 +443,7 @@ def row_summary(runs: list[dict]) -> dict:
     summary = t_interval(values)
     if summary["n"] == 1:
         summary["ci"] = runs[0]["metrics"]["test_after"]["ci95"]
-        summary["ci_method"] = "per-question normal interval of the one run"
+        summary["ci_method"] = runs[0]["metrics"]["test_after"].get("ci_method", "the one run's own interval")
     else:
         summary["ci_method"] = "Student-t over seeds"
     aucs = [run["metrics"].get("reward_auc") for run in runs if run["metrics"].get("reward_auc") is not None]

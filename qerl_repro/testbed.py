@@ -452,27 +452,13 @@ def evaluate_base(
 
 
 def save_dequantized_base(model_dir: str, quant_format: str, output_dir: str) -> str:
-    """The 4-bit base as training sees it (`load_dequantized_base`: the trainer's quantizer, NF4 via bitsandbytes),
-    saved as a plain bf16 checkpoint for vLLM. The weights are copied into a fresh model of the same config: casting a
-    bitsandbytes-loaded model (`.to(dtype)`) raises in transformers even after its Linears were replaced, which is what
-    `qerl_repro.evaluation`'s own NF4 path hits."""
-    from transformers import AutoModelForCausalLM
+    """The 4-bit base as training sees it (the trainer's quantizer, NF4 via bitsandbytes), saved as a plain bf16
+    checkpoint for vLLM with the organism's tokenizer (`qerl_repro.loading.save_servable_model`)."""
+    from qerl_repro.loading import save_servable_model
 
-    from qerl_repro.evaluation import load_dequantized_base
-
-    dequantized = load_dequantized_base(model_dir, quant_format, dtype=torch.float32)
-    state = {name: tensor.detach().to(torch.bfloat16) for name, tensor in dequantized.state_dict().items()}
-    config = dequantized.config
-    config.dtype = torch.bfloat16
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if m != "lm_head.weight"]:
-        raise RuntimeError(f"Dequantized {quant_format} state does not fit the model: {missing=} {unexpected=}")
-    fresh.tie_weights()
-    fresh.generation_config = dequantized.generation_config
-    fresh.save_pretrained(output_dir)
-    build_tokenizer().save_pretrained(output_dir)
-    return output_dir
+    return save_servable_model(
+        model_dir, output_dir, quant_format=quant_format, dtype=torch.bfloat16, tokenizer=build_tokenizer()
+    )
 
 
 def _evaluate_served_base(model_dir, dataset, num_samples, temperature, seed, hf_check) -> dict:

@@ -257,7 +257,7 @@ def _write_rewards(run_dir, rewards):
 
 
 def _write_eval(run_dir, name, correct):
-    records = [{"index": q, "pass1": float(c)} for q, c in enumerate(correct)]
+    records = [{"index": q, "pass1": float(c), "correct": [bool(c)]} for q, c in enumerate(correct)]
     with open(os.path.join(run_dir, f"{name}.json"), "w") as f:
         json.dump({"accuracy": sum(map(float, correct)) / len(correct), "records": records}, f)
 

@@ -205,3 +205,27 @@ def test_base_rows_read_the_testbed_evaluation_output():
     assert summary["n"] == testbed.TEST_SIZE and summary["k"] == testbed.GROUP_SIZE
     assert sum(per_question["pass1"]) / summary["n"] == pytest.approx(summary["pass1"])
     assert summary["first_sample"]["rate"] == evaluation["sampled"]["first_sample"]["rate"]
+
+
+@pytest.mark.parametrize(
+    "scale, model, row, config",
+    [
+        ("cpu", "adder3", "bf16_full", "accelerate_configs/cpu.yaml"),
+        ("gpu", "Qwen2.5-3B-Instruct", "bf16_full", "accelerate_configs/single_gpu.yaml"),
+        ("gpu", "Qwen2.5-7B-Instruct", "bf16_full", "accelerate_configs/deepspeed_zero3.yaml"),  # 122 GB of state
+        ("gpu", "Qwen2.5-7B-Instruct", "nvfp4_aqn", "accelerate_configs/single_gpu.yaml"),
+    ],
+)
+def test_each_training_row_gets_a_launcher_that_can_hold_it(scale, model, row, config):
+    assert table1.accelerate_config(scale, model, row) == config
+    assert os.path.isfile(os.path.join(ROOT, config))
+
+
+def test_results_json_keeps_numeric_lists_on_one_line_and_round_trips(tmp_path):
+    data = {"curve": [0.5, -1.0, 1e-05, 3] + [0.125] * 40 + [None], "pass1": [1.0, 0.0, 0.5], "nested": {"x": [-0.25]}}
+    path = str(tmp_path / "row.json")
+    table1._write_json(data, path)  # a list of numbers ending in null once made the regex backtrack exponentially
+    with open(path) as f:
+        text = f.read()
+    assert json.loads(text) == data
+    assert '"pass1": [1.0, 0.0, 0.5]' in text

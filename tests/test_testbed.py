@@ -240,3 +240,24 @@ def test_committed_results_are_on_the_fixed_test_set():
 def test_committed_summary_is_regenerated_from_the_jsons():
     with open(os.path.join(RESULTS, "README.md")) as f:
         assert f.read() == testbed.summarize_results(RESULTS)
+
+
+@pytest.mark.parametrize("quant_format", ["nf4", "nvfp4"])
+def test_served_4bit_base_holds_the_dequantized_weights_training_uses(tiny_organism, quant_format, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qerl_repro.loading import load_dequantized_base
+
+    path, _ = tiny_organism
+    served = testbed.save_dequantized_base(path, quant_format, str(tmp_path / quant_format))
+    model = AutoModelForCausalLM.from_pretrained(served, dtype=torch.bfloat16)
+    assert getattr(model.config, "quantization_config", None) is None  # a plain checkpoint vLLM can load
+    expected = load_dequantized_base(path, quant_format, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+    changed = 0
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+        changed += not torch.equal(tensor, original[name])
+    assert changed > 0  # the 4-bit rounding is there
+    assert AutoTokenizer.from_pretrained(served)("12+34=")["input_ids"]

@@ -1,5 +1,6 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
-"""Results -> the GSM8K table (ours vs QeRL Table 1, with confidence intervals) and training-curve plots.
+"""Results -> the GSM8K table (ours vs QeRL Table 1, with confidence intervals) and training-curve plots, from any
+folders of evaluation JSONs (`make reproduce-table1` uses `qerl_repro.table1`, which reads its own per-row JSONs).
 
 ```
 python -m qerl_repro.report --results_dir data --output results/table1.md                 # infer rows from run dirs
@@ -643,7 +644,8 @@ def format_run_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Entry point of `python -m qerl_repro.report` (`make reproduce-table1`). Returns the markdown."""
+    """Entry point of `python -m qerl_repro.report` (run summaries, seed comparisons, and a table from any folders of
+    evaluation JSONs; `make reproduce-table1` writes its own table with `qerl_repro.table1`). Returns the text."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)

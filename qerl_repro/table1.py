@@ -487,12 +487,27 @@ def training_gain(runs: list[dict], *, num_resamples: int = 5000) -> dict:
     return paired_bootstrap(before, after, num_resamples=num_resamples)
 
 
-def in_words(name_a: str, name_b: str, difference: float, p_value: float, unit: str, alpha: float = 0.05) -> str:
-    """One sentence for B - A (difference already in `unit`)."""
+def _p_text(p_value: float, num_resamples: int | None = None) -> str:
+    if p_value == 0 and num_resamples:  # no resample on the other side of 0
+        return f"p < {1 / num_resamples:.1g}"
+    return f"p = {p_value:.2g}"
+
+
+def in_words(
+    name_a: str,
+    name_b: str,
+    difference: float,
+    p_value: float,
+    unit: str,
+    alpha: float = 0.05,
+    num_resamples: int | None = None,
+) -> str:
+    """One sentence for B - A (difference already in `unit`; `num_resamples` for a bootstrap p-value)."""
+    p_text = _p_text(p_value, num_resamples)
     if p_value >= alpha:
-        return f"not distinguishable at this sample size ({difference:+.2f} {unit}, p = {p_value:.2g})"
+        return f"not distinguishable at this sample size ({difference:+.2f} {unit}, {p_text})"
     direction = "higher" if difference > 0 else "lower"
-    return f"{name_b} is {direction} than {name_a} by {abs(difference):.2f} {unit} (p = {p_value:.2g})"
+    return f"{name_b} is {direction} than {name_a} by {abs(difference):.2f} {unit} ({p_text})"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -618,7 +633,9 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
             "Accuracy: paired bootstrap over questions and seeds (`qerl_repro.stats.paired_bootstrap`; conservative: "
             "its interval is wider than nominal), Welch's t across seeds when both arms have >= 2 seeds, exact McNemar "
             "on each question's first sample when both have one seed. Reward AUC (the paper's 'faster reward growth'): "
-            "Welch's t across seeds (one seed each: the difference only, no test). Words: p < 0.05 two-sided.",
+            "Welch's t across seeds (one seed each: the difference only, no test). Words: p < 0.05 two-sided. With one "
+            "seed per arm these tests compare two training runs: the run-to-run variation of a seed is not in their "
+            "intervals, so a 'higher' here is a hypothesis for more seeds, not a finding about the arms.",
             "",
             "| A | B | B - A pass@1, points [95 % CI] | bootstrap | Welch / McNemar | reward AUC B - A |",
             "|---|---|---|---|---|---|",
@@ -630,7 +647,14 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
             any_comparison = True
             c = compare(rows[a], rows[b])
             boot = c["bootstrap"]
-            words = in_words(_label(a), _label(b), 100 * boot["difference"], boot["p_value"], "points")
+            words = in_words(
+                _label(a),
+                _label(b),
+                100 * boot["difference"],
+                boot["p_value"],
+                "points",
+                num_resamples=boot["num_resamples"],
+            )
             if "welch" in c:
                 w = c["welch"]
                 second = "Welch: " + in_words(_label(a), _label(b), 100 * w["difference"], w["p_value"], "points")

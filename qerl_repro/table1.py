@@ -465,6 +465,9 @@ def compare(runs_a: list[dict], runs_b: list[dict], *, num_resamples: int = 5000
     acc_b = [run["metrics"]["test_after"]["pass1"] for run in runs_b]
     if len(runs_a) >= 2 and len(runs_b) >= 2:
         out["welch"] = welch_t_test(acc_a, acc_b)
+    paired = _paired_by_seed(runs_a, runs_b)
+    if paired is not None:
+        out["paired_seeds"] = paired_t_by_seed(*paired, key=lambda run: run["metrics"]["test_after"]["pass1"])
     if len(runs_a) == 1 and len(runs_b) == 1:
         out["mcnemar"] = mcnemar_exact(
             runs_a[0]["per_question"]["first_sample_after"], runs_b[0]["per_question"]["first_sample_after"]
@@ -475,7 +478,32 @@ def compare(runs_a: list[dict], runs_b: list[dict], *, num_resamples: int = 5000
         out["auc_difference"] = sum(auc_b) / len(auc_b) - sum(auc_a) / len(auc_a)
         if len(auc_a) >= 2 and len(auc_b) >= 2:
             out["auc_welch"] = welch_t_test(auc_a, auc_b)
+        if paired is not None:
+            out["auc_paired_seeds"] = paired_t_by_seed(*paired, key=lambda run: run["metrics"]["reward_auc"])
     return out
+
+
+def _paired_by_seed(runs_a: list[dict], runs_b: list[dict]) -> tuple[list[dict], list[dict]] | None:
+    """The two arms' runs matched by seed, when both ran the same >= 2 seeds (else None)."""
+    seeds_a = {run["seed"]: run for run in runs_a}
+    seeds_b = {run["seed"]: run for run in runs_b}
+    common = sorted(seed for seed in seeds_a.keys() & seeds_b.keys() if seed is not None)
+    if len(common) < 2 or len(common) != len(runs_a) or len(common) != len(runs_b):
+        return None
+    return [seeds_a[seed] for seed in common], [seeds_b[seed] for seed in common]
+
+
+def paired_t_by_seed(runs_a: list[dict], runs_b: list[dict], key) -> dict:
+    """B - A with the seed as the pairing unit: a one-sample t-test on the per-seed differences `key(b) - key(a)`.
+
+    Runs of one seed share the prompt order, the sampling seeds and the LoRA initialisation across arms (the curves of
+    all arms move together step by step), so the per-seed difference removes what the seed does to both arms; the test
+    is exact under the null that the arm labels within each seed are exchangeable (normal differences assumed)."""
+    from qerl_repro.stats import one_sample_t_test
+
+    differences = [key(b) - key(a) for a, b in zip(runs_a, runs_b, strict=True)]
+    test = one_sample_t_test(differences)
+    return {"difference": test["mean"], "ci": test["ci"], "p_value": test["p_value"], "n": test["n"]}
 
 
 def training_gain(runs: list[dict], *, num_resamples: int = 5000) -> dict:
@@ -631,13 +659,17 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
         lines += ["", "### Paired comparisons (B minus A, same test questions)", ""]
         lines += [
             "Accuracy: paired bootstrap over questions and seeds (`qerl_repro.stats.paired_bootstrap`; conservative: "
-            "its interval is wider than nominal), Welch's t across seeds when both arms have >= 2 seeds, exact McNemar "
-            "on each question's first sample when both have one seed. Reward AUC (the paper's 'faster reward growth'): "
-            "Welch's t across seeds (one seed each: the difference only, no test). Words: p < 0.05 two-sided. With one "
-            "seed per arm these tests compare two training runs: the run-to-run variation of a seed is not in their "
-            "intervals, so a 'higher' here is a hypothesis for more seeds, not a finding about the arms.",
+            "its interval is wider than nominal); across seeds, a paired t-test on the per-seed differences when both "
+            "arms ran the same >= 2 seeds (runs of one seed share the prompt order and the LoRA initialisation, so "
+            "pairing by seed removes what the seed does to both arms), else Welch's t when both have >= 2 seeds, else "
+            "exact McNemar on each question's first sample (one seed each). Reward AUC (the paper's 'faster reward "
+            "growth'): the same seed-level tests (one seed each: the difference only, no test). Words: p < 0.05 "
+            "two-sided. The seed-level test is the one that answers 'do the arms differ' (a new seed is a new training "
+            "run); with one seed per arm the tests compare two training runs, so a 'higher' there is a hypothesis for "
+            "more seeds, not a finding about the arms.",
             "",
-            "| A | B | B - A pass@1, points [95 % CI] | bootstrap | Welch / McNemar | reward AUC B - A |",
+            "| A | B | B - A pass@1, points [95 % CI] | bootstrap (questions and seeds) | across seeds | "
+            "reward AUC B - A |",
             "|---|---|---|---|---|---|",
         ]
         any_comparison = False
@@ -655,7 +687,13 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
                 "points",
                 num_resamples=boot["num_resamples"],
             )
-            if "welch" in c:
+            if "paired_seeds" in c:
+                w = c["paired_seeds"]
+                second = f"paired t over {w['n']} seeds: " + in_words(
+                    _label(a), _label(b), 100 * w["difference"], w["p_value"], "points"
+                )
+                second += f" [{100 * w['ci'][0]:+.1f}, {100 * w['ci'][1]:+.1f}]"
+            elif "welch" in c:
                 w = c["welch"]
                 second = "Welch: " + in_words(_label(a), _label(b), 100 * w["difference"], w["p_value"], "points")
             elif "mcnemar" in c:
@@ -665,9 +703,12 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
                 )
             else:
                 second = "–"
-            if "auc_welch" in c:
+            if "auc_paired_seeds" in c:
+                w = c["auc_paired_seeds"]
+                auc = "paired t: " + in_words(_label(a), _label(b), w["difference"], w["p_value"], "reward")
+            elif "auc_welch" in c:
                 w = c["auc_welch"]
-                auc = in_words(_label(a), _label(b), w["difference"], w["p_value"], "reward")
+                auc = "Welch: " + in_words(_label(a), _label(b), w["difference"], w["p_value"], "reward")
             elif "auc_difference" in c:
                 auc = f"{c['auc_difference']:+.3f} (one seed: no test)"
             else:
@@ -796,6 +837,129 @@ def grid_command_of(scale: str, model: str, rows: dict[str, list[dict]]) -> str:
     return " ".join(parts)
 
 
+# The paper's claims that the README's results section tests on the grid: (A, B, the claim about B - A). The paper's
+# own B - A is computed from `report.PAPER_TABLE1` (never typed here).
+README_CLAIMS = [
+    ("bf16_lora", "nvfp4_lora", "NVFP4 LoRA vs BF16 LoRA"),
+    ("bf16_lora", "mxfp4_lora", "MXFP4 LoRA vs BF16 LoRA"),
+    ("bf16_lora", "nf4_qlora", "NF4 QLoRA vs BF16 LoRA"),
+    ("nvfp4_lora", "nvfp4_aqn", "AQN on the NVFP4 base (QeRL vs NVFP4 LoRA)"),
+    ("bf16_lora", "nvfp4_aqn", "QeRL vs BF16 LoRA"),
+    ("bf16_lora", "bf16_aqn", "AQN without quantization (QeRL #11's ablation)"),
+    ("bf16_lora", "bf16_full", "full fine-tuning vs BF16 LoRA"),
+]
+README_BEGIN = (
+    "<!-- BEGIN generated: python -m qerl_repro.table1 report --scale {scale} (from results/table1_{scale}/) -->"
+)
+README_END = "<!-- END generated: table1_{scale} -->"
+
+
+def _paper_difference(a: str, b: str) -> str:
+    """The paper's B - A on GSM8K for each model of `report.PAPER_TABLE1` that has both rows."""
+    from qerl_repro.report import PAPER_TABLE1
+
+    parts = [
+        f"{values[b] - values[a]:+.1f} on {model}"
+        for model, values in PAPER_TABLE1.items()
+        if a in values and b in values
+    ]
+    return "paper, GSM8K points: " + ", ".join(parts) if parts else "not in the paper"
+
+
+def _seed_level(c: dict, key: str = "") -> tuple[str, dict | None]:
+    """The across-seeds test of a `compare` result: paired by seed, else Welch, else none (one seed)."""
+    for name, label in ((f"{key}paired_seeds", "paired t over seeds"), (f"{key}welch", "Welch's t over seeds")):
+        if name in c:
+            return label, c[name]
+    return "", None
+
+
+def readme_section(results_dir: str, scale: str) -> str:
+    """The README's results block for `scale`, from the grid's JSONs only: per row the seeds, test pass@1 with its
+    interval and the JSONs it comes from, then the paper's claims tested across seeds, in words."""
+    grouped = load_results(results_dir)
+    folder = os.path.join("results", os.path.basename(os.path.normpath(results_dir)))
+    lines = [README_BEGIN.format(scale=scale)]
+    if not grouped:
+        return "\n".join(lines + ["No results yet.", README_END.format(scale=scale)]) + "\n"
+    for model, rows in grouped.items():
+        runs_all = [run for runs in rows.values() for run in runs]
+        hours = sum(run["wall_seconds"] for run in runs_all) / 3600
+        trained = [row for row in ROWS if ROWS[row].trained and row in rows]
+        seed_counts = sorted({len(rows[row]) for row in trained})
+        n = {run["metrics"]["test_after"]["n"] for run in runs_all}
+        k = {run["metrics"]["test_after"]["k"] for run in runs_all}
+        lines += [
+            f"`{grid_command_of(scale, model, rows)}` ({model}): {len(runs_all)} runs, {hours:.1f} h of wall time on "
+            f"this 2-core CPU; {'/'.join(map(str, seed_counts))} seed(s) per training row. Test pass@1 on n = "
+            f"{'/'.join(map(str, sorted(n)))} fixed questions x k = {'/'.join(map(str, sorted(k)))} samples at T 1.0; "
+            "mean over seeds with the 95 % Student-t interval across seeds (one run: its own interval over "
+            f"questions). Full table, runs and curves: `{folder}.md`.",
+            "",
+            "| row | seeds | test pass@1 % [95 % CI] | after - before training, points | from |",
+            "|---|---|---|---|---|",
+        ]
+        for row in ROWS:
+            if row not in rows:
+                continue
+            s = row_summary(rows[row])
+            ours = _pct(s["mean"]) + f" [{_pct(s['ci'][0])}, {_pct(s['ci'][1])}]"
+            gain = "–"
+            if ROWS[row].trained:
+                g = training_gain(rows[row])
+                gain = f"{100 * g['difference']:+.1f}"
+            source = f"{model}/{row}-seed*.json" if ROWS[row].trained else f"{model}/{row}.json"
+            seeds = len(rows[row]) if ROWS[row].trained else "–"
+            lines.append(f"| {_label(row)} | {seeds} | {ours} | {gain} | `{folder}/{source}` |")
+        lines += [
+            "",
+            "The paper's claims, B - A on the same questions, tested across seeds (a new seed is a new training run; "
+            "p < 0.05 two-sided):",
+            "",
+        ]
+        for a, b, claim in README_CLAIMS:
+            if a not in rows or b not in rows:
+                continue
+            c = compare(rows[a], rows[b])
+            test_name, test = _seed_level(c)
+            if test is None:
+                verdict = (
+                    f"{100 * c['bootstrap']['difference']:+.1f} points, one seed per arm: two runs, not yet a test of "
+                    "the arms"
+                )
+            else:
+                verdict = (
+                    f"{100 * test['difference']:+.1f} points [{100 * test['ci'][0]:+.1f}, {100 * test['ci'][1]:+.1f}], "
+                    f"{test_name}, p = {test['p_value']:.2g}: "
+                    + ("not distinguishable at this sample size" if test["p_value"] >= 0.05 else "a difference")
+                )
+                auc_name, auc = _seed_level(c, key="auc_")
+                if auc is not None:
+                    verdict += f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g}" + (
+                        " (not distinguishable)" if auc["p_value"] >= 0.05 else ""
+                    )
+            lines.append(f"- {claim} ({_paper_difference(a, b)}): {verdict}.")
+    lines.append(README_END.format(scale=scale))
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: str, section: str, scale: str) -> bool:
+    """Replace the README's generated block for `scale` (between its BEGIN/END markers) with `section`; False when the
+    README has no such block (nothing written)."""
+    with open(readme) as f:
+        text = f.read()
+    begin, end = README_BEGIN.format(scale=scale), README_END.format(scale=scale)
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = head + section.rstrip("\n") + tail
+    if new != text:
+        with open(readme, "w") as f:
+            f.write(new)
+    return True
+
+
 def write_report(results_dir: str, output: str, scale: str) -> str:
     """`output` (markdown) and the figure next to it (same name, .png), from the JSONs under `results_dir`."""
     figure_path = os.path.splitext(output)[0] + ".png"
@@ -831,6 +995,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--extra", default="", help="more flags for the training recipes (one string)")
     report = sub.choices["report"]
     report.add_argument("--output", default=None, help="default: results/table1_<scale>.md (and .png)")
+    report.add_argument(
+        "--readme",
+        default=os.path.join(ROOT, "README.md"),
+        help="README whose generated block for this scale is rewritten (skipped when it has none; '' to skip)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
     model = CPU_MODEL if args.scale == "cpu" else (args.model or DEFAULT_GPU_MODEL)
@@ -855,6 +1024,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         output = args.output or f"results/table1_{args.scale}.md"
         sys.stdout.write(write_report(results_dir, output, args.scale) + "\n")
+        if args.readme and update_readme(args.readme, readme_section(results_dir, args.scale), args.scale):
+            sys.stdout.write(f"{args.readme}: results section regenerated\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 """The Table 1 grid (`qerl_repro.table1`): rows and seeds, the statistics between arms, the smoke test of
 run -> skip-on-rerun -> report on a tiny organism, and that the committed table regenerates from its JSONs."""
 
+import glob
 import json
 import os
 import subprocess
@@ -89,6 +90,28 @@ class TestComparisons:
         assert c["auc_welch"]["difference"] == pytest.approx(0.0)
         words = table1.in_words("A", "B", 100 * c["welch"]["difference"], c["welch"]["p_value"], "points")
         assert words.startswith("not distinguishable at this sample size (+1.00 points")
+
+    def test_same_seeds_are_paired_by_seed(self):
+        """Seeds that move both arms together (shared prompt order and init): pairing by seed sees a steady +2 points
+        that Welch's t, blind to the pairing, cannot separate from the seed-to-seed spread."""
+        seed_level = [30, 45, 60]  # questions right per seed of arm A, out of 100: a large seed effect
+        bump = [2, 3, 1]  # B - A within each seed
+        a = [_run("bf16_lora", 42 + s, [0.0] * (100 - k) + [1.0] * k, auc=0.5) for s, k in enumerate(seed_level)]
+        b = [
+            _run("nvfp4_aqn", 42 + s, [0.0] * (100 - k - d) + [1.0] * (k + d), auc=0.6)
+            for s, (k, d) in enumerate(zip(seed_level, bump))
+        ]
+        c = table1.compare(a, b)
+        paired, welch = c["paired_seeds"], c["welch"]
+        assert paired["n"] == 3 and paired["difference"] == pytest.approx(0.02)
+        # t = 2 / (1 / sqrt 3) = 3.46 on 2 df; for 2 df the two-sided p is 1 - t / sqrt(t^2 + 2) = 0.0742
+        assert paired["p_value"] == pytest.approx(0.0742, abs=1e-3)
+        assert welch["p_value"] > 0.8  # the seed spread (15 points) swamps the 2-point difference
+        assert c["auc_paired_seeds"]["difference"] == pytest.approx(0.1)
+        # different seeds, or one arm missing a seed: no pairing
+        shifted = [dict(run, seed=run["seed"] + 10) for run in b]
+        assert "paired_seeds" not in table1.compare(a, shifted)
+        assert "paired_seeds" not in table1.compare(a, b[:2])
 
     def test_different_questions_are_refused(self):
         a = _run("bf16_lora", 42, [0.0, 1.0])
@@ -191,6 +214,28 @@ def test_committed_table_is_regenerated_from_the_committed_jsons():
             assert run["metrics"]["test_after"]["n"] == testbed.TEST_SIZE
             gold = testbed.load_split("test")["index"]
             assert run["per_question"]["index"] == gold
+
+
+def test_readme_results_block_is_regenerated_from_the_committed_jsons():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = table1.readme_section(COMMITTED, "cpu")
+    assert section.rstrip("\n") in readme
+    # every row of the block names the committed JSON(s) it comes from
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| row"):
+            source = line.rsplit("`", 2)[1]
+            assert glob.glob(os.path.join(ROOT, source)), line
+
+
+def test_update_readme_rewrites_only_its_own_block(tmp_path):
+    readme = tmp_path / "README.md"
+    begin, end = table1.README_BEGIN.format(scale="cpu"), table1.README_END.format(scale="cpu")
+    readme.write_text(f"intro\n{begin}\nold numbers\n{end}\noutro\n")
+    assert table1.update_readme(str(readme), f"{begin}\nnew numbers\n{end}\n", "cpu")
+    assert readme.read_text() == f"intro\n{begin}\nnew numbers\n{end}\noutro\n"
+    assert not table1.update_readme(str(readme), "anything", "gpu")  # no gpu block: nothing written
+    assert readme.read_text() == f"intro\n{begin}\nnew numbers\n{end}\noutro\n"
 
 
 @pytest.mark.skipif(

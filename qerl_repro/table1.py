@@ -945,7 +945,9 @@ def readme_section(results_dir: str, scale: str) -> str:
 
 def update_readme(readme: str, section: str, scale: str) -> bool:
     """Replace the README's generated block for `scale` (between its BEGIN/END markers) with `section`; False when the
-    README has no such block (nothing written)."""
+    README does not exist or has no such block (nothing written)."""
+    if not os.path.isfile(readme):
+        return False
     with open(readme) as f:
         text = f.read()
     begin, end = README_BEGIN.format(scale=scale), README_END.format(scale=scale)
@@ -997,8 +999,9 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--output", default=None, help="default: results/table1_<scale>.md (and .png)")
     report.add_argument(
         "--readme",
-        default=os.path.join(ROOT, "README.md"),
-        help="README whose generated block for this scale is rewritten (skipped when it has none; '' to skip)",
+        default="README.md",
+        help="README (relative to the current folder) whose generated block for this scale is rewritten; skipped when "
+        "it does not exist or has no such block; '' to skip",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")

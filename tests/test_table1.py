@@ -235,6 +235,7 @@ def test_update_readme_rewrites_only_its_own_block(tmp_path):
     assert table1.update_readme(str(readme), f"{begin}\nnew numbers\n{end}\n", "cpu")
     assert readme.read_text() == f"intro\n{begin}\nnew numbers\n{end}\noutro\n"
     assert not table1.update_readme(str(readme), "anything", "gpu")  # no gpu block: nothing written
+    assert not table1.update_readme(str(tmp_path / "missing.md"), "anything", "cpu")  # run from another folder
     assert readme.read_text() == f"intro\n{begin}\nnew numbers\n{end}\noutro\n"
 
 

@@ -485,6 +485,15 @@ def run_summary(run_dir: str, window: int = 10) -> dict:
             summary[name] = {
                 k: result.get(k) for k in ("accuracy", "ci95", "n", "k", "numeric_accuracy", "format_rate")
             }
+            # QeRL's format metrics only mean something for a task whose replies use <answer> tags (not the testbed)
+            summary[name]["answer_tags_seen"] = any(
+                "<answer>" in completion
+                for record in result.get("records", [])
+                for completion in record.get("completions", [])
+            )
+    gain = _test_gain(run_dir)
+    if gain is not None:
+        summary["test_gain"] = gain
     state_path = os.path.join(run_dir, "trainer_state.json")
     if os.path.isfile(state_path):
         with open(state_path) as f:
@@ -604,6 +613,39 @@ def compare_seed_runs(run_dirs: list[str], window: int = 10) -> dict:
     return comparison
 
 
+def _test_gain(run_dir: str) -> dict | None:
+    """After minus before training on the same test questions, from the two evaluations' per-question records: the
+    paired bootstrap over questions (one run: the interval says what new questions would do, not a new seed) and exact
+    McNemar on each question's first sample. None when either evaluation or its records are missing."""
+    from qerl_repro.stats import mcnemar_exact, paired_bootstrap
+
+    records = {}
+    for name in ("eval_before", "eval_after"):
+        path = os.path.join(run_dir, f"{name}.json")
+        if not os.path.isfile(path):
+            return None
+        result = _load(path)
+        if not result.get("records"):
+            return None
+        records[name] = {record["index"]: record for record in result["records"]}
+    index = sorted(records["eval_before"])
+    if sorted(records["eval_after"]) != index:
+        raise ValueError(f"{run_dir}: eval_before.json and eval_after.json are not on the same test questions")
+    before = [records["eval_before"][q] for q in index]
+    after = [records["eval_after"][q] for q in index]
+    boot = paired_bootstrap([[r["pass1"] for r in before]], [[r["pass1"] for r in after]])
+    mcnemar = mcnemar_exact([r["correct"][0] for r in before], [r["correct"][0] for r in after])
+    return {
+        "difference": boot["difference"],
+        "ci95": boot["ci"],
+        "p_value": boot["p_value"],
+        "num_resamples": boot["num_resamples"],
+        "n": len(index),
+        "mcnemar_first_sample": mcnemar,
+        "noise": "paired bootstrap over questions: one training run, so a new seed's variation is not in the interval",
+    }
+
+
 def format_run_summary(summary: dict) -> str:
     lines = [f"Run: {summary['run_dir']}", "", "| metric | value |", "|---|---|"]
 
@@ -618,10 +660,21 @@ def format_run_summary(summary: dict) -> str:
                 f"| {name} accuracy (n={result.get('n')}, k={result.get('k')}) | {pct(result.get('accuracy'))} "
                 f"[{pct(low)}, {pct(high)}] |"
             )
-            lines.append(
-                f"| {name} format rate / numeric accuracy | {pct(result.get('format_rate'))} / "
-                f"{pct(result.get('numeric_accuracy'))} |"
-            )
+            if result.get("format_rate") or result.get("numeric_accuracy") or result.get("answer_tags_seen"):
+                lines.append(
+                    f"| {name} format rate / numeric accuracy | {pct(result.get('format_rate'))} / "
+                    f"{pct(result.get('numeric_accuracy'))} |"
+                )
+    gain = summary.get("test_gain")
+    if gain:
+        low, high = gain["ci95"]
+        p_text = f"p < {1 / gain['num_resamples']:.1g}" if gain["p_value"] == 0 else f"p = {gain['p_value']:.2g}"
+        m = gain["mcnemar_first_sample"]
+        lines.append(
+            f"| test accuracy after - before (same {gain['n']} questions) | {100 * gain['difference']:+.1f} points, "
+            f"95 % CI [{100 * low:+.1f}, {100 * high:+.1f}] ({p_text}, paired bootstrap over questions; McNemar on "
+            f"first samples p = {m['p_value']:.2g}; one run, not a seed interval) |"
+        )
     if "steps" in summary:
         lines.append(f"| logged steps | {summary['steps']} |")
     trend = summary.get("reward_trend")

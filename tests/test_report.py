@@ -326,3 +326,29 @@ def test_committed_demo_seed_comparison_regenerates(monkeypatch):
         committed = json.load(f)
     monkeypatch.chdir(root)
     assert json.loads(json.dumps(compare_seed_runs(committed["runs"]))) == committed
+
+
+def test_run_summary_tests_the_accuracy_gain_on_the_same_questions(tmp_path):
+    """`make demo`'s headline: after - before on the same questions, paired (bootstrap + McNemar on first samples)."""
+    from qerl_repro.report import format_run_summary, run_summary
+
+    run = str(tmp_path)
+    before = [0] * 60 + [1] * 40  # 40 % right
+    after = [0] * 40 + [1] * 60  # the same 40 stay right and 20 more become right: McNemar 20 vs 0
+    _write_eval(run, "eval_before", before)
+    _write_eval(run, "eval_after", after)
+    summary = run_summary(run)
+    gain = summary["test_gain"]
+    assert gain["difference"] == pytest.approx(0.2) and gain["n"] == 100
+    assert gain["mcnemar_first_sample"]["b_only"] == 20 and gain["mcnemar_first_sample"]["a_only"] == 0
+    assert gain["mcnemar_first_sample"]["p_value"] == pytest.approx(
+        2 * 0.5**20
+    )  # exact: every discordant pair one way
+    assert gain["ci95"][0] > 0.1 and gain["p_value"] < 1e-3
+    text = format_run_summary(summary)
+    assert "| test accuracy after - before (same 100 questions) | +20.0 points" in text
+    assert "format rate" not in text  # no reply used <answer> tags: QeRL's format metrics would be meaningless zeros
+    # a run whose evaluations are on different questions is an error, not a silent mismatch
+    _write_eval(run, "eval_after", after[:50])
+    with pytest.raises(ValueError, match="not on the same test questions"):
+        run_summary(run)

@@ -49,3 +49,38 @@ def test_readme_holds_the_cli_output():
         readme = f.read()
     for line in main([]).splitlines():
         assert line in readme, line
+
+
+def test_row_plan_by_hand():
+    from qerl_repro.memory import row_plan
+
+    # 7B NVFP4 LoRA: 0.3 x 80 GB engine share, the NVFP4 base in the trainer, 600 x 128 x 300 tokens at 2091.8 tok/s
+    p = row_plan("Qwen2.5-7B-Instruct", "nvfp4_aqn")
+    assert p["gpus"] == 1 and p["engine_gb"] == pytest.approx(24.0)
+    assert p["trainer_base_gb"] == pytest.approx(base_weight_bytes(QWEN25_7B, "nvfp4") / 1e9)
+    assert p["rollout_gpu_hours"] == pytest.approx(600 * 128 * 300 / 2091.8 / 3600)
+    # our NF4 arm serves the dequantized bf16 base: bf16's throughput, not the paper's bitsandbytes engine
+    assert row_plan("Qwen2.5-7B-Instruct", "nf4_qlora")["rollout_tokens_per_s"] == 1641.1
+    assert row_plan("Qwen2.5-3B-Instruct", "mxfp4_lora")["throughput_source"].startswith("NVFP4's")
+    # 7B full FT: 24 + (15.2 + 121.8) / n <= 80 first holds at n = 4 (n = 2 needs 92.5 GB)
+    full = row_plan("Qwen2.5-7B-Instruct", "bf16_full")
+    assert full["gpus"] == 4 and full["memory_per_gpu_gb"] <= 80
+
+
+@pytest.mark.parametrize("model", ["Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct"])
+def test_plan_gpus_agree_with_the_grids_launchers(model):
+    """A row the arithmetic puts on several GPUs is exactly a row the grid launches with ZeRO-3."""
+    from qerl_repro import table1
+    from qerl_repro.memory import PLAN_ROWS, row_plan
+
+    assert set(PLAN_ROWS) == {row for row in table1.ROWS if table1.ROWS[row].trained}
+    for row in PLAN_ROWS:
+        several = row_plan(model, row)["gpus"] > 1
+        assert several == ("zero3" in table1.accelerate_config("gpu", model, row)), row
+
+
+def test_readme_holds_the_plan():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    for line in main(["--plan"]).splitlines():
+        assert line in readme, line

@@ -161,7 +161,7 @@ def recommendation(fmt: str, blocks: list[dict], threshold: float) -> str:
         )
     if not flagged:
         return (
-            f"No block exceeds {limit}: {fmt} suits this model as well as it suits Gaussian weights. Plain AQN; "
+            f"No block exceeds {limit}: no block quantizes clearly worse in {fmt} than Gaussian weights do. Plain AQN; "
             "targeted RIN needs an explicit choice (aqn_rin_blocks, or aqn_rin_top_k for the worst k blocks); variable RIN "
             f"(aqn_rin: variable) still weights the blocks by their error.{spread}"
         )
@@ -303,9 +303,14 @@ def plot_srdd(report: dict, path: str) -> None:
         ha="right",
         fontsize=8,
     )
-    low = min(rel + [100 * report["threshold"]])
-    top.set_ylim(max(0.0, low - 0.15 * (max(rel) - low + 1e-9) - 0.5), None)
-    top.set_ylabel("relative Frobenius error (%)")
+    gaussian = report.get("gaussian_reference")
+    if gaussian is not None:
+        top.axhline(100 * gaussian, color="gray", linestyle=":", linewidth=1)
+        top.text(index[0] - 0.5, 100 * gaussian, " Gaussian weights", va="bottom", ha="left", fontsize=8, color="gray")
+    values = rel + [100 * report["threshold"]] + ([100 * gaussian] if gaussian is not None else [])
+    low, high = min(values), max(values)
+    top.set_ylim(max(0.0, low - 0.25 * (high - low) - 0.2), high + 0.15 * (high - low) + 0.1)
+    top.set_ylabel("relative Frobenius error (%)\n(axis does not start at 0)")
     model = os.path.basename(str(report.get("model", "")).rstrip("/")) or "model"
     top.set_title(
         f"SRDD {report['format']} on {model}: {len(report['flagged_blocks'])}/{len(blocks)} blocks flagged (red)"
@@ -321,7 +326,8 @@ def plot_srdd(report: dict, path: str) -> None:
     )
     bottom.set_ylabel("share of non-zero weights / mean ratio (%)")
     bottom.set_xlabel("transformer block index")
-    bottom.legend(fontsize=8)
+    bottom.set_ylim(0, 1.35 * max(100 * e["elementwise_rel"] for e in blocks))
+    bottom.legend(fontsize=8, loc="upper left")
     bottom.grid(axis="y", alpha=0.3)
     bottom.set_xticks(index)
     fig.tight_layout()

@@ -11,7 +11,9 @@ What it adds to `GRPOTrainer` (everything else is TRL's):
 - right after every sync (all of TRL's call sites go through `VLLMGeneration.sync_weights`), `sync/update_lost_frac`
   is measured from the engine's own tensors (`sync_fidelity.py`), then AQN sets the engine's targeted RMSNorm weights to
   `clean + N(0, sigma(step)^2)`; with HF `generate` the noise lives only during generation;
-- `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log.
+- `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log;
+- RIN (`aqn_rin`, `qerl_repro.rin`): per-block sigma multipliers from an SRDD JSON, computed once (written to
+  `<output_dir>/rin_multipliers.json`, `aqn/rin_*` in every training log), applied in every rollout path.
 """
 
 import logging

@@ -1,9 +1,13 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
 """`QeRLConfig`: TRL's `GRPOConfig` plus the quantization and Adaptive Quantization Noise (AQN) fields of QeRL."""
 
+import logging
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 QUANT_FORMATS = ("none", "nvfp4", "mxfp4", "nf4")
@@ -56,6 +60,24 @@ class QeRLConfig(GRPOConfig):
             Also train the RMSNorm weights of every decoder block (QeRL's `--ln True`: PEFT `modules_to_save` for
             `input_layernorm` and the MLP-input norm). They are kept in fp32 (the norm's output is cast back to its
             input dtype), synced to the rollout engine at every step, and AQN is added on top of the trained values.
+
+        > Parameters that control RIN (SRDD-guided per-block AQN, `qerl_repro.rin`)
+
+        aqn_rin (`str`, *optional*, defaults to `"none"`):
+            `"none"`: plain AQN. `"targeted"`: noise only on chosen blocks (`aqn_rin_blocks`, else the
+            `aqn_rin_top_k` worst blocks of the SRDD scan, else the blocks it flagged). `"variable"`: each block's
+            sigma times a multiplier proportional to its SRDD error, averaging 1 over the blocks. Needs `aqn=True`.
+        aqn_rin_srdd (`str` or `None`, *optional*, defaults to `None`):
+            SRDD JSON of the base model (`python -m qerl_repro.srdd --output PATH`); required by RIN (the blocks'
+            errors and their number, checked against the model).
+        aqn_rin_blocks (`list[int]` or `None`, *optional*, defaults to `None`):
+            Targeted RIN: the decoder blocks whose norms get noise.
+        aqn_rin_top_k (`int` or `None`, *optional*, defaults to `None`):
+            Targeted RIN: noise on the k blocks with the highest SRDD error.
+        aqn_rin_min (`float` or `None`, *optional*, defaults to `None`):
+            Variable RIN: lowest multiplier (<= 1); the multipliers still average 1.
+        aqn_rin_max (`float` or `None`, *optional*, defaults to `None`):
+            Variable RIN: highest multiplier (>= 1); the multipliers still average 1.
 
         > Parameters that control how the rollout engine receives the policy
 
@@ -121,6 +143,30 @@ class QeRLConfig(GRPOConfig):
         metadata={"help": "Also train the decoder blocks' RMSNorm weights (QeRL's --ln), kept in fp32."},
     )
 
+    # RIN: SRDD-guided per-block AQN multipliers (qerl_repro.rin)
+    aqn_rin: str = field(
+        default="none",
+        metadata={
+            "help": "RIN mode: none (plain AQN), targeted or variable.",
+            "choices": ["none", "targeted", "variable"],
+        },
+    )
+    aqn_rin_srdd: str | None = field(
+        default=None, metadata={"help": "SRDD JSON of the base model (python -m qerl_repro.srdd --output PATH)."}
+    )
+    aqn_rin_blocks: list[int] | None = field(
+        default=None, metadata={"help": "Targeted RIN: the decoder blocks whose norms get noise."}
+    )
+    aqn_rin_top_k: int | None = field(
+        default=None, metadata={"help": "Targeted RIN: noise on the k blocks with the highest SRDD error."}
+    )
+    aqn_rin_min: float | None = field(
+        default=None, metadata={"help": "Variable RIN: lowest multiplier (<= 1); the multipliers still average 1."}
+    )
+    aqn_rin_max: float | None = field(
+        default=None, metadata={"help": "Variable RIN: highest multiplier (>= 1); the multipliers still average 1."}
+    )
+
     # Parameters that control how the rollout engine receives the policy
     vllm_adapter_sync: str = field(
         default="auto",
@@ -175,11 +221,44 @@ class QeRLConfig(GRPOConfig):
                 "aqn=True with quant_format='none': QeRL adds noise only on a quantized base. Pick a quant_format "
                 "('nvfp4', 'mxfp4', 'nf4') or set aqn_allow_unquantized=True for the BF16 + AQN ablation."
             )
+        self._validate_rin()
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         problem = zero3_incompatibility(self, zero3=is_deepspeed_zero3_enabled())
         if problem:
             raise ValueError(problem)
+
+    def _validate_rin(self) -> None:
+        """RIN: a known mode, on top of AQN, with options that fit the mode and an SRDD JSON that loads and yields
+        multipliers (the same pure computation the trainer repeats; the block count is checked against the model
+        there)."""
+        from qerl_repro.rin import RIN_MODES, rin_plan_from_config
+
+        if self.aqn_rin not in RIN_MODES:
+            raise ValueError(f"aqn_rin={self.aqn_rin!r} is not one of {list(RIN_MODES)}.")
+        options = ("aqn_rin_srdd", "aqn_rin_blocks", "aqn_rin_top_k", "aqn_rin_min", "aqn_rin_max")
+        if self.aqn_rin == "none":
+            stray = [name for name in options if getattr(self, name) is not None]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but aqn_rin='none': choose aqn_rin='targeted' or 'variable'."
+                )
+            return
+        if not self.aqn:
+            raise ValueError(f"aqn_rin={self.aqn_rin!r} scales AQN's noise per block: it needs aqn=True.")
+        if self.aqn_rin_srdd is None:
+            raise ValueError(
+                f"aqn_rin={self.aqn_rin!r} needs aqn_rin_srdd, the base model's SRDD JSON (python -m qerl_repro.srdd "
+                "--model <model> --format <format> --output PATH): it gives the blocks' errors and their number."
+            )
+        plan = rin_plan_from_config(self)
+        if plan.srdd_format is not None and self.quant_format not in ("none", plan.srdd_format):
+            logger.warning(
+                "aqn_rin_srdd=%s scanned %s, but quant_format=%r: the multipliers follow the other format's errors.",
+                self.aqn_rin_srdd,
+                plan.srdd_format,
+                self.quant_format,
+            )
 
     @property
     def aqn_noise_seed(self) -> int:

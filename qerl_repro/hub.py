@@ -217,6 +217,23 @@ def _eval_section(eval_results) -> list[str]:
     return lines + [""]
 
 
+def _rin_lines(training_args) -> list[str]:
+    """RIN (`aqn_rin`): the per-block sigma multipliers from the SRDD JSON, as the trainer computed them."""
+    mode = _get(training_args, "aqn_rin", "none")
+    if mode in (None, "none"):
+        return []
+    from qerl_repro.rin import rin_plan_from_config
+
+    plan = rin_plan_from_config(training_args)
+    multipliers = ", ".join(f"{value:.4g}" for value in plan.block_multipliers)
+    return [
+        f"RIN `{mode}` (the seed studies' SRDD-guided AQN, `qerl_repro.rin`): each decoder block's σ is multiplied "
+        f"by its factor, from the SRDD scan `{plan.srdd}` ({plan.srdd_format}); blocks 0..{len(plan.block_multipliers) - 1}: "
+        f"[{multipliers}]; final norm (if noised): {plan.final_norm_multiplier:g}.",
+        "",
+    ]
+
+
 def _aqn_section(training_args, total_steps) -> list[str]:
     lines = ["### Adaptive Quantization Noise (AQN)", ""]
     if not _get(training_args, "aqn", False):
@@ -234,6 +251,7 @@ def _aqn_section(training_args, total_steps) -> list[str]:
         "stage 0 is noise-free.",
         "",
     ]
+    lines += _rin_lines(training_args)
     if not total_steps or total_steps < 1:
         return lines + ["The per-step schedule depends on the total number of optimizer steps (unknown here).", ""]
     lines += [

@@ -453,7 +453,13 @@ def restore_norm_weights_(targets: Mapping[str, torch.Tensor], clean: Mapping[st
 
 @torch.no_grad()
 def apply_aqn_(
-    targets: Mapping[str, torch.Tensor], clean: Mapping[str, torch.Tensor], sigma: float, *, seed: int, step: int
+    targets: Mapping[str, torch.Tensor],
+    clean: Mapping[str, torch.Tensor],
+    sigma: float,
+    *,
+    seed: int,
+    step: int,
+    multipliers: Mapping[str, float] | None = None,
 ) -> int:
     """Set every target weight to `clean + z` in place (QeRL Section 3.3, Eq. 10-12); return how many were noised.
 
@@ -468,23 +474,56 @@ def apply_aqn_(
 
     With `sigma == 0` the clean values are restored and 0 is returned. After changing weights in a vLLM engine, call
     `llm.reset_prefix_cache()`: cached KV blocks were computed with the previous weights.
+
+    `multipliers` (RIN, `qerl_repro.rin`): `{name: m}` for every target; the noise becomes `m * z` (same draw `z`), a
+    target with `m == 0` gets its clean value and is not counted as noised.
     """
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"`sigma` must be a finite number >= 0, got {sigma!r}.")
     _check_clean(targets, clean)
+    if multipliers is not None:
+        _check_multipliers(targets, multipliers)
     if sigma == 0:
         restore_norm_weights_(targets, clean)
         return 0
+    num_noised = 0
     for index, name in enumerate(sorted(targets, key=_natural_key)):
         weight, reference = targets[name], clean[name]
+        multiplier = 1.0 if multipliers is None else float(multipliers[name])
+        if multiplier == 0:
+            weight.copy_(reference)
+            continue
         noise = aqn_noise(weight.shape, sigma, seed=seed, step=step, index=index).to(reference.device)
+        if multipliers is not None:
+            noise = noise * multiplier  # RIN: this block's share of the noise
         # QeRL (Eq. 10): RMSNorm_noise(x) = (w + Z) ⊙ x / rms(x) = (Z / w + I) ⊙ RMSNorm(x).
         weight.copy_((reference.float() + noise).to(weight.dtype))
-    return len(targets)
+        num_noised += 1
+    return num_noised
+
+
+def _check_multipliers(targets: Mapping[str, torch.Tensor], multipliers: Mapping[str, float]) -> None:
+    missing = [name for name in targets if name not in multipliers]
+    if missing:
+        raise ValueError(f"No RIN multiplier for {missing}.")
+    bad = {
+        name: multipliers[name]
+        for name in targets
+        if not (math.isfinite(multipliers[name]) and multipliers[name] >= 0)
+    }
+    if bad:
+        raise ValueError(f"RIN multipliers must be finite and >= 0, got {bad}.")
 
 
 @contextlib.contextmanager
-def aqn_noised(targets: Mapping[str, torch.Tensor], sigma: float, *, seed: int, step: int) -> Iterator[int]:
+def aqn_noised(
+    targets: Mapping[str, torch.Tensor],
+    sigma: float,
+    *,
+    seed: int,
+    step: int,
+    multipliers: Mapping[str, float] | None = None,
+) -> Iterator[int]:
     """Context manager: noise the targets on entry (`apply_aqn_`), restore them bit-exactly on exit.
 
     For rollouts with HF `generate` on the training model. Yields the number of noised modules.
@@ -494,7 +533,7 @@ def aqn_noised(targets: Mapping[str, torch.Tensor], sigma: float, *, seed: int, 
     """
     clean = snapshot_norm_weights(targets)
     try:
-        yield apply_aqn_(targets, clean, sigma, seed=seed, step=step)
+        yield apply_aqn_(targets, clean, sigma, seed=seed, step=step, multipliers=multipliers)
     finally:
         restore_norm_weights_(targets, clean)
 

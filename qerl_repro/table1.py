@@ -9,10 +9,12 @@ python -m qerl_repro.table1 report --scale cpu                             # res
 
 Rows (`ROWS`): the untrained bases (`bf16`, `nf4`, `mxfp4`, `nvfp4`: one evaluation each), then the training rows
 (`bf16_full`, `bf16_lora`, `nf4_qlora`, `mxfp4_lora`, `nvfp4_lora`, `nvfp4_aqn`, and `bf16_aqn`, the BF16 LoRA + AQN
-ablation of QeRL issue #11), each repeated with seeds 42, 43, ... (`--seeds n`). Runs go one at a time. A row/seed is
-finished when its results JSON exists (`results/table1_<scale>/<model>/<row>-seed<seed>.json`, or `<row>.json` for
-an untrained base) and is then skipped; an unfinished one reruns the same command in the same output folder
-(`runs/table1_<scale>/<model>/...`), where the recipe resumes from its last checkpoint.
+ablation of QeRL issue #11), each repeated with seeds 42, 43, ... (`--seeds n`). `EXTRA_ROWS` (the CPU testbed's
+RIN arms `nvfp4_rin_targeted` and `nvfp4_rin_variable`) run only when named in `--rows`; the report shows them when
+present. Runs go one at a time. A row/seed is finished when its results JSON exists
+(`results/table1_<scale>/<model>/<row>-seed<seed>.json`, or `<row>.json` for an untrained base) and is then skipped; an
+unfinished one reruns the same command in the same output folder (`runs/table1_<scale>/<model>/...`), where the recipe
+resumes from its last checkpoint.
 
 Each JSON holds the exact command, the recipe's config, git commit, package versions, machine, wall time and the
 metrics: test pass@1 before/after (mean over k samples per question, with the per-question normal 95 % interval, and
@@ -72,9 +74,21 @@ ROWS: dict[str, Row] = {
         Row("bf16_aqn", "BF16", "LoRA + AQN (QeRL #11 ablation)", "none"),
     )
 }
+# RIN (SRDD-guided per-block AQN, qerl_repro.rin): CPU testbed rows outside the default grid. They run only when named
+# (`make reproduce-table1 SCALE=cpu ROWS=nvfp4_rin_targeted,nvfp4_rin_variable`); the report shows them when present.
+EXTRA_ROWS: dict[str, Row] = {
+    row.key: row
+    for row in (
+        Row("nvfp4_rin_targeted", "NVFP4", "LoRA + RIN targeted (seeds' SRDD-guided AQN)", "nvfp4"),
+        Row("nvfp4_rin_variable", "NVFP4", "LoRA + RIN variable (seeds' SRDD-guided AQN)", "nvfp4"),
+    )
+}
+ALL_ROWS: dict[str, Row] = {**ROWS, **EXTRA_ROWS}
 # The paired comparisons of the report: (reference A, arm B); B - A is reported.
 COMPARISONS = [("bf16_lora", key) for key in ROWS if ROWS[key].trained and key != "bf16_lora"] + [
-    ("nvfp4_lora", "nvfp4_aqn")
+    ("nvfp4_lora", "nvfp4_aqn"),
+    ("nvfp4_aqn", "nvfp4_rin_targeted"),
+    ("nvfp4_aqn", "nvfp4_rin_variable"),
 ]
 
 
@@ -133,7 +147,7 @@ def build_command(
     local GSM8K folder (paper scale); `extra`: more flags for the training recipes."""
     extra = list(extra or [])
     settings = _eval_settings(scale, model)
-    if ROWS[row].trained:
+    if ALL_ROWS[row].trained:
         accelerate = accelerate_config(scale, model, row)
         script = "recipes/testbed_grpo.py" if scale == "cpu" else f"recipes/gsm8k_{row}.py"
         command = ["accelerate", "launch", "--config_file", accelerate, script]
@@ -151,12 +165,12 @@ def build_command(
     base = model_dir or settings["model_name_or_path"]
     if scale == "cpu":
         command = ["python", "-m", "qerl_repro.testbed", "evaluate", "--model", base]
-        command += ["--quant_format", ROWS[row].base_format, "--output", output, "--no_hf_check"]
+        command += ["--quant_format", ALL_ROWS[row].base_format, "--output", output, "--no_hf_check"]
         command += ["--num_samples", str(settings["num_samples"]), "--temperature", str(settings["temperature"])]
         if eval_limit is not None:
             command += ["--limit", str(eval_limit)]
         return command
-    command = ["python", "-m", "qerl_repro.evaluation", "--model", base, "--quant_format", ROWS[row].base_format]
+    command = ["python", "-m", "qerl_repro.evaluation", "--model", base, "--quant_format", ALL_ROWS[row].base_format]
     command += ["--num_samples", str(settings["num_samples"]), "--temperature", str(settings["temperature"])]
     command += ["--top_p", str(settings["top_p"]), "--max_new_tokens", str(settings["max_new_tokens"])]
     command += ["--output", output]
@@ -262,8 +276,8 @@ def collect(
         "scale": scale,
         "model": model,
         "row": row,
-        "weights": ROWS[row].weights,
-        "training": ROWS[row].training,
+        "weights": ALL_ROWS[row].weights,
+        "training": ALL_ROWS[row].training,
         "seed": seed,
         "command": shlex.join(command),
         "run_dir": run_dir,
@@ -273,7 +287,7 @@ def collect(
         "wall_seconds": round(wall_seconds, 1),
     }
     metrics: dict = {}
-    if ROWS[row].trained:
+    if ALL_ROWS[row].trained:
         with open(os.path.join(ROOT, run_dir, "recipe.yaml")) as f:
             values = yaml.safe_load(f)
         # the recipe YAML as run, and the flags of the command that override it
@@ -304,7 +318,7 @@ def collect(
     else:
         with open(os.path.join(ROOT, run_dir, "eval.json")) as f:
             evaluation = json.load(f)
-        result["config"] = {"base_format": ROWS[row].base_format, "eval_config": evaluation.get("config", {})}
+        result["config"] = {"base_format": ALL_ROWS[row].base_format, "eval_config": evaluation.get("config", {})}
         result["config"]["eval_config"].pop("versions", None)
         metrics["test_after"], per_question = test_metrics(evaluation)
         result["per_question"] = {
@@ -340,14 +354,14 @@ def _write_json(data: dict, path: str) -> None:
 def plan(rows: list[str], seeds: int) -> list[tuple[str, int | None]]:
     """(row, seed) in the order they run: untrained bases once (seed None), then seed 42 of every training row, then
     seed 43 of every row, ...: a grid stopped part-way leaves every arm at the same number of seeds (give or take one)."""
-    unknown = [row for row in rows if row not in ROWS]
+    unknown = [row for row in rows if row not in ALL_ROWS]
     if unknown:
-        raise SystemExit(f"error: unknown rows {unknown}; valid rows: {', '.join(ROWS)}")
+        raise SystemExit(f"error: unknown rows {unknown}; valid rows: {', '.join(ALL_ROWS)}")
     if seeds < 1:
         raise SystemExit(f"error: --seeds {seeds} must be >= 1")
-    jobs = [(row, None) for row in rows if not ROWS[row].trained]
+    jobs = [(row, None) for row in rows if not ALL_ROWS[row].trained]
     for i in range(seeds):
-        jobs += [(row, FIRST_SEED + i) for row in rows if ROWS[row].trained]
+        jobs += [(row, FIRST_SEED + i) for row in rows if ALL_ROWS[row].trained]
     return jobs
 
 
@@ -366,6 +380,15 @@ def run_grid(
     extra: list[str] | None = None,
 ) -> list[dict]:
     """Run every unfinished (row, seed) one after the other; returns one `{row, seed, status, path}` per job."""
+    no_recipe = [
+        row
+        for row in rows
+        if row in EXTRA_ROWS and not os.path.isfile(os.path.join(ROOT, recipe_config(scale, model, row)))
+    ]
+    if no_recipe:  # the RIN rows exist for the CPU testbed only (they need an SRDD JSON of the base)
+        raise SystemExit(
+            f"error: rows {no_recipe} have no recipe at scale {scale} ({recipe_config(scale, model, no_recipe[0])})"
+        )
     done = []
     for row, seed in plan(rows, seeds):
         path = os.path.join(results_dir, model, result_name(row, seed))
@@ -548,7 +571,11 @@ def _pct(x: float) -> str:
 
 
 def _label(row: str) -> str:
-    return f"{ROWS[row].weights} {ROWS[row].training}" if ROWS[row].trained else f"{ROWS[row].weights} (untrained)"
+    return (
+        f"{ALL_ROWS[row].weights} {ALL_ROWS[row].training}"
+        if ALL_ROWS[row].trained
+        else f"{ALL_ROWS[row].weights} (untrained)"
+    )
 
 
 def _paper_columns(scale: str, model: str) -> list[str]:
@@ -613,7 +640,7 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
         return "\n".join(lines + ["No results yet."]) + "\n"
     for model, rows in grouped.items():
         paper_models = _paper_columns(scale, model)
-        present = [row for row in ROWS if row in rows]
+        present = [row for row in ALL_ROWS if row in rows]
         summaries = {row: row_summary(rows[row]) for row in present}
         base = rows.get("bf16")
         lines += [f"## {model}", ""]
@@ -631,10 +658,14 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
         header += "points [95 % CI] | minus BF16 base (ours), points [95 % CI] | "
         header += " | ".join(f"{m} GSM8K (paper)" for m in paper_models) + " | reward AUC |"
         lines += [header, "|" + "---|" * (8 + len(paper_models))]
-        for row in ROWS:
+        for row in ALL_ROWS:
+            if row in EXTRA_ROWS and row not in rows:
+                continue  # rows outside the default grid appear only when run
             paper = " | ".join(_paper_cell(m, row) for m in paper_models)
             if row not in rows:
-                lines.append(f"| {ROWS[row].weights} | {ROWS[row].training} | 0 | not run | – | – | – | {paper} | – |")
+                lines.append(
+                    f"| {ALL_ROWS[row].weights} | {ALL_ROWS[row].training} | 0 | not run | – | – | – | {paper} | – |"
+                )
                 continue
             s = summaries[row]
             ours = _pct(s["mean"]) + (f" ± {_pct(s['std'])}" if s["std"] is not None else "")
@@ -645,15 +676,15 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
                 delta = f"{100 * b['difference']:+.1f} [{100 * b['ci'][0]:+.1f}, {100 * b['ci'][1]:+.1f}]"
             auc = s["reward_auc"]
             auc_text = "–" if auc is None else f"{auc['mean']:.3f}" + (f" ± {auc['std']:.3f}" if auc["std"] else "")
-            seeds = len(rows[row]) if ROWS[row].trained else "–"
+            seeds = len(rows[row]) if ALL_ROWS[row].trained else "–"
             before, gain = "–", "–"
-            if ROWS[row].trained:
+            if ALL_ROWS[row].trained:
                 before_values = [run["metrics"]["test_before"]["pass1"] for run in rows[row]]
                 before = _pct(sum(before_values) / len(before_values))
                 g = training_gain(rows[row])
                 gain = f"{100 * g['difference']:+.1f} [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
             lines.append(
-                f"| {ROWS[row].weights} | {ROWS[row].training} | {seeds} | {ours} | {before} | {gain} | {delta} | "
+                f"| {ALL_ROWS[row].weights} | {ALL_ROWS[row].training} | {seeds} | {ours} | {before} | {gain} | {delta} | "
                 f"{paper} | {auc_text} |"
             )
         lines += ["", "### Paired comparisons (B minus A, same test questions)", ""]
@@ -727,7 +758,7 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
             "| file | seed | steps | wall time | git commit | command |",
             "|---|---|---|---|---|---|",
         ]
-        for row in ROWS:
+        for row in ALL_ROWS:
             for run in rows.get(row, []):
                 commit = (run["git"].get("git_commit") or "?")[:10] + (
                     " (dirty)" if run["git"].get("git_dirty") else ""
@@ -782,7 +813,7 @@ def plot_curves(results_dir: str, output: str, window: int = 10) -> list[str]:
     drawn = []
     colors = plt.get_cmap("tab10")
     for model, rows in grouped.items():
-        trained = [row for row in ROWS if ROWS[row].trained and row in rows]
+        trained = [row for row in ALL_ROWS if ALL_ROWS[row].trained and row in rows]
         for i, row in enumerate(trained):
             color = colors(i % 10)
             label = f"{_label(row)} ({len(rows[row])} seed{'s' if len(rows[row]) > 1 else ''})"
@@ -830,10 +861,10 @@ def grid_command_of(scale: str, model: str, rows: dict[str, list[dict]]) -> str:
     parts = ["make reproduce-table1", f"SCALE={scale}"]
     if scale != "cpu":
         parts.append(f"MODEL={model}")
-    seeds = max((len(runs) for row, runs in rows.items() if ROWS[row].trained), default=1)
+    seeds = max((len(runs) for row, runs in rows.items() if ALL_ROWS[row].trained), default=1)
     parts.append(f"SEEDS={seeds}")
     if set(rows) != set(ROWS):
-        parts.append(f"ROWS={','.join(row for row in ROWS if row in rows)}")
+        parts.append(f"ROWS={','.join(row for row in ALL_ROWS if row in rows)}")
     return " ".join(parts)
 
 
@@ -987,7 +1018,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--model", default=None, help="gpu: Qwen2.5-3B-Instruct (default) or Qwen2.5-7B-Instruct")
         p.add_argument("--results_dir", default=None, help="default: results/table1_<scale>")
     run = sub.choices["run"]
-    run.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {','.join(ROWS)}")
+    run.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated, of: {','.join(ALL_ROWS)} (default: all but {','.join(EXTRA_ROWS)})",
+    )
     run.add_argument("--seeds", type=int, default=1, help="training rows run with seeds 42 .. 42 + n - 1")
     run.add_argument("--runs_dir", default=None, help="default: runs/table1_<scale>")
     run.add_argument("--model_dir", default=None, help="override the base model path (e.g. a tiny organism)")

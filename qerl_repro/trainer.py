@@ -11,7 +11,9 @@ What it adds to `GRPOTrainer` (everything else is TRL's):
 - right after every sync (all of TRL's call sites go through `VLLMGeneration.sync_weights`), `sync/update_lost_frac`
   is measured from the engine's own tensors (`sync_fidelity.py`), then AQN sets the engine's targeted RMSNorm weights to
   `clean + N(0, sigma(step)^2)`; with HF `generate` the noise lives only during generation;
-- `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log.
+- `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log;
+- RIN (`aqn_rin`, `qerl_repro.rin`): per-block sigma multipliers from an SRDD JSON, computed once (written to
+  `<output_dir>/rin_multipliers.json`, `aqn/rin_*` in every training log), applied in every rollout path.
 """
 
 import logging
@@ -36,6 +38,7 @@ from qerl_repro.noise import (
     require_norm_targets,
 )
 from qerl_repro.quantization.linear import dequantized_weight
+from qerl_repro.rin import norm_multipliers, rin_metrics, rin_plan_from_config
 from qerl_repro.sync_fidelity import choose_probe_layers, probe_rows, update_lost_frac
 from qerl_repro.weight_sync import (
     iter_rollout_weights,
@@ -380,6 +383,34 @@ def prepare_base_model(model, args: QeRLConfig):
     return model
 
 
+def _num_blocks(model) -> int | None:
+    """`config.num_hidden_layers` of a model object or checkpoint path (None when it has none)."""
+    config = getattr(model, "config", None)
+    if config is None and isinstance(model, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "num_hidden_layers", None)
+
+
+def write_rin_multipliers(rin, output_dir: str, is_main_process: bool) -> None:
+    """Log the RIN plan and write it to `<output_dir>/rin_multipliers.json` (main process)."""
+    logger.info(
+        "RIN %s from %s: per-block AQN sigma multipliers %s (final norm %s)",
+        rin.mode,
+        rin.srdd,
+        [round(value, 4) for value in rin.block_multipliers],
+        rin.final_norm_multiplier,
+    )
+    if is_main_process:
+        import json
+
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "rin_multipliers.json"), "w") as f:
+            json.dump(rin.to_json(), f, indent=2)
+
+
 def resolve_rollout_engine(args: QeRLConfig, on_vllm_cpu: bool) -> tuple[str, str | None]:
     """`(adapter_sync, engine_dtype)` of the colocated rollout engine, `vllm_adapter_sync="auto"` resolved by measurement
     (`make bench`, `adapter_sync_modes` on SmolLM2-135M): on GPUs and in colocate mode the adapter goes in unmerged
@@ -526,6 +557,7 @@ class QeRLTrainer(GRPOTrainer):
             raise TypeError(f"QeRLTrainer needs a QeRLConfig, got {type(args).__name__}.")
         loaded_here = isinstance(model, str) and args.quant_format != "none"
         model = prepare_base_model(model, args)
+        rin = rin_plan_from_config(args, num_blocks=_num_blocks(model))  # RIN: None unless aqn_rin is set
         if args.train_norms:
             kwargs["peft_config"] = add_norms_to_modules_to_save(model, kwargs.get("peft_config"))
         adapter_sync, engine_dtype = (None, None)
@@ -557,6 +589,9 @@ class QeRLTrainer(GRPOTrainer):
         self._rollout_noiser = None
         self._evaluation_rollout = False
         self._hf_norm_targets = None
+        self._rin, self._rin_logged = rin, False
+        if rin is not None:
+            write_rin_multipliers(rin, args.output_dir, self.accelerator.is_main_process)
         if self.use_vllm:
             self.vllm_generation.post_sync_hook = self._apply_aqn_after_sync
 
@@ -595,6 +630,8 @@ class QeRLTrainer(GRPOTrainer):
                     include_final_norm=self.args.aqn_include_final_norm,
                     include_qk_norm=self.args.aqn_include_qk_norm,
                     description="vLLM rollout engine (colocate)",
+                    rin_block_multipliers=None if self._rin is None else self._rin.block_multipliers,
+                    rin_final_norm_multiplier=1.0 if self._rin is None else self._rin.final_norm_multiplier,
                 )
             num_noised = self._rollout_noiser.apply(sigma, seed=seed, step=step)
             self.vllm_generation.llm.reset_prefix_cache()
@@ -617,6 +654,7 @@ class QeRLTrainer(GRPOTrainer):
             step=step,
             include_final_norm=self.args.aqn_include_final_norm,
             include_qk_norm=self.args.aqn_include_qk_norm,
+            rin=self._rin,
         )
 
     def _write_engine_norms(self, *, clean: bool) -> None:
@@ -672,9 +710,18 @@ class QeRLTrainer(GRPOTrainer):
             )
             require_norm_targets(targets, "policy model (HF generate)")
             self._hf_norm_targets = targets
+            self._hf_rin_multipliers = (
+                None
+                if self._rin is None
+                else norm_multipliers(
+                    targets, self._rin.block_multipliers, final_norm_multiplier=self._rin.final_norm_multiplier
+                )
+            )
         sigma, stage = self.current_aqn_sigma()
         seed, step = self.args.aqn_noise_seed, self.state.global_step
-        with aqn_noised(self._hf_norm_targets, sigma, seed=seed, step=step) as num_noised:
+        with aqn_noised(
+            self._hf_norm_targets, sigma, seed=seed, step=step, multipliers=self._hf_rin_multipliers
+        ) as num_noised:
             output = super()._generate_single_turn(*args, **kwargs)
         self._record_aqn(sigma, stage, num_noised)
         return output
@@ -684,6 +731,9 @@ class QeRLTrainer(GRPOTrainer):
         if self.model.training and "loss" in logs:
             if self.args.aqn:
                 logs.update(self._aqn_last)
+            if self._rin is not None:  # RIN: the per-block multipliers once, at the first training log
+                logs.update(rin_metrics(self._rin, per_block=not self._rin_logged))
+                self._rin_logged = True
             if self.use_vllm:
                 logs.update(self.vllm_generation.last_sync_metrics)
         super().log(logs, start_time)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from qerl_repro.noise import apply_aqn_, find_norm_weights, require_norm_targets, snapshot_norm_weights
+from qerl_repro.rin import norm_multipliers
 from qerl_repro.vllm_cpu import is_vllm_cpu_platform, keep_cpu_linear_weights, repack_cpu_linear_weights
 
 
@@ -34,13 +35,35 @@ class RolloutNormNoiser:
 
     Noise never accumulates: at each `apply`, a weight that still holds the value this noiser wrote (the sync did not
     rewrite it) goes back to its stored clean value; a weight the sync rewrote is its own new clean value.
+
+    RIN (`qerl_repro.rin`): with `rin_block_multipliers` (one per decoder block), each norm's noise is scaled by its
+    block's multiplier (`rin_final_norm_multiplier` for the final norm); `self.multipliers` holds the per-norm values.
     """
 
-    def __init__(self, model: torch.nn.Module, *, include_final_norm=False, include_qk_norm=False, description=""):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        include_final_norm=False,
+        include_qk_norm=False,
+        description="",
+        rin_block_multipliers=None,
+        rin_final_norm_multiplier=1.0,
+    ):
         self.targets = find_norm_weights(model, include_final_norm=include_final_norm, include_qk_norm=include_qk_norm)
         require_norm_targets(self.targets, description or type(model).__name__)
         self._clean: dict[str, torch.Tensor] | None = None
         self._noised: dict[str, torch.Tensor] | None = None
+        self.multipliers: dict[str, float] | None = None
+        self.set_rin(rin_block_multipliers, rin_final_norm_multiplier)
+
+    def set_rin(self, block_multipliers, final_norm_multiplier: float = 1.0) -> None:
+        """Scale each norm's noise by its block's RIN multiplier from the next `apply` on (None: plain AQN)."""
+        self.multipliers = (
+            None
+            if block_multipliers is None
+            else norm_multipliers(self.targets, block_multipliers, final_norm_multiplier=final_norm_multiplier)
+        )
 
     def _clean_values(self) -> dict[str, torch.Tensor]:
         if self._clean is None:
@@ -55,7 +78,7 @@ class RolloutNormNoiser:
     def apply(self, sigma: float, *, seed: int, step: int) -> int:
         """Set every target to its clean value plus the noise of `(seed, step)`; returns how many were noised."""
         clean = self._clean_values()
-        num_noised = apply_aqn_(self.targets, clean, sigma, seed=seed, step=step)
+        num_noised = apply_aqn_(self.targets, clean, sigma, seed=seed, step=step, multipliers=self.multipliers)
         self._clean = clean
         self._noised = snapshot_norm_weights(self.targets)
         return num_noised
@@ -94,7 +117,9 @@ class QeRLWorkerExtension:
     """
 
     def qerl_apply_aqn(self, payload: str) -> dict:
-        """Apply AQN after a weight sync. `payload` is JSON: sigma, seed, step, include_final_norm, include_qk_norm."""
+        """Apply AQN after a weight sync. `payload` is JSON: sigma, seed, step, include_final_norm, include_qk_norm, and
+        for RIN `rin_block_multipliers` (one per block) and `rin_final_norm_multiplier`; with RIN the result also
+        holds the per-norm multipliers the worker used (`rin_multipliers`)."""
         request = json.loads(payload)
         model = self.model_runner.model
         if is_vllm_cpu_platform():
@@ -108,8 +133,12 @@ class QeRLWorkerExtension:
                 description="vLLM server worker model",
             )
             self._qerl_noiser = noiser
+        noiser.set_rin(request.get("rin_block_multipliers"), float(request.get("rin_final_norm_multiplier", 1.0)))
         num_noised = noiser.apply(float(request["sigma"]), seed=int(request["seed"]), step=int(request["step"]))
-        return {"num_noised_modules": num_noised, "num_targets": len(noiser.targets)}
+        result = {"num_noised_modules": num_noised, "num_targets": len(noiser.targets)}
+        if noiser.multipliers is not None:
+            result["rin_multipliers"] = noiser.multipliers
+        return result
 
     def qerl_write_clean_norms(self) -> dict:
         """Put the clean norm weights back (AQN off, e.g. for evaluation rollouts); no-op before the first AQN."""
@@ -157,9 +186,17 @@ def server_collective_rpc(client, method: str, payload: dict | None = None) -> l
 
 
 def apply_aqn_on_server(
-    client, sigma: float, *, seed: int, step: int, include_final_norm: bool = False, include_qk_norm: bool = False
+    client,
+    sigma: float,
+    *,
+    seed: int,
+    step: int,
+    include_final_norm: bool = False,
+    include_qk_norm: bool = False,
+    rin=None,
 ) -> int:
-    """`qerl_apply_aqn` on every server worker, then a prefix-cache reset; returns how many norms were noised."""
+    """`qerl_apply_aqn` on every server worker, then a prefix-cache reset; returns how many norms were noised. `rin`
+    (a `qerl_repro.rin.RINPlan` or None) sends the per-block RIN multipliers with the request."""
     payload = {
         "sigma": sigma,
         "seed": seed,
@@ -167,6 +204,9 @@ def apply_aqn_on_server(
         "include_final_norm": include_final_norm,
         "include_qk_norm": include_qk_norm,
     }
+    if rin is not None:
+        payload["rin_block_multipliers"] = list(rin.block_multipliers)
+        payload["rin_final_norm_multiplier"] = rin.final_norm_multiplier
     results = server_collective_rpc(client, AQN_RPC_METHOD, payload)
     client.reset_prefix_cache()  # cached KV blocks were computed with the previous norms
     return int(results[0]["num_noised_modules"])

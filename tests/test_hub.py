@@ -144,6 +144,21 @@ def test_model_card_extras_without_aqn_or_results(tmp_dir):
     assert "| GSM8K | 100.0 |" in single
 
 
+def test_model_card_names_the_rin_multipliers(tmp_dir):
+    script_args, training_args, model_args = _card_args(tmp_dir)
+    srdd = os.path.join(tmp_dir, "srdd.json")
+    blocks = [{"block": 0, "rel_frobenius": 0.09}, {"block": 1, "rel_frobenius": 0.11}]
+    with open(srdd, "w") as f:
+        json.dump({"num_blocks": 2, "format": "nvfp4", "blocks": blocks, "flagged_blocks": [1], "ranking": [1, 0]}, f)
+    training_args.aqn_rin, training_args.aqn_rin_srdd = "variable", srdd
+    card = build_model_card_extras(script_args, training_args, model_args, command="python x.py")
+    assert (
+        "RIN `variable`" in card and f"`{srdd}` (nvfp4); blocks 0..1: [0.9, 1.1]; final norm (if noised): 1." in card
+    )
+    training_args.aqn_rin = "none"
+    assert "RIN" not in build_model_card_extras(script_args, training_args, model_args, command="python x.py")
+
+
 def _smollm2_folder(tiny_model_dir, tmp_dir):
     """A folder as `ensure_default_model` leaves it (conversion marker naming the packaged GGUF), here a tiny model."""
     folder = os.path.join(tmp_dir, "SmolLM2-135M-Instruct")

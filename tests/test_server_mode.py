@@ -32,6 +32,7 @@ from trl.import_utils import is_vllm_available
 
 from qerl_repro.noise import aqn_noise
 from qerl_repro.policy_eval import generate_with_server_client
+from qerl_repro.rin import RINPlan, norm_multipliers
 from qerl_repro.vllm_worker import (
     AQN_RPC_METHOD,
     apply_aqn_on_server,
@@ -78,6 +79,22 @@ def _assert_norms(actual: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 def _payload(sigma, step) -> str:
     return json.dumps({"sigma": sigma, "seed": SEED, "step": step})
+
+
+# RIN: variable multipliers of the tiny model's 2 blocks (the final norm is not targeted here).
+RIN_PLAN = RINPlan(
+    mode="variable", block_multipliers=(0.25, 1.75), final_norm_multiplier=1.0, srdd=None, srdd_format=None
+)
+
+
+def _expected_rin(clean, sigma, step) -> dict[str, torch.Tensor]:
+    """clean + block multiplier x the pure draw of (sigma, seed, step), rounded once to the weight dtype."""
+    expected = dict(clean)
+    for index, name in enumerate(TARGETS):
+        multiplier = RIN_PLAN.block_multipliers[int(name.split(".")[2])]
+        noise = aqn_noise(clean[name].shape, sigma, seed=SEED, step=step, index=index)
+        expected[name] = (clean[name].float() + multiplier * noise).to(clean[name].dtype)
+    return expected
 
 
 # ---- 1. the worker extension inside an in-process engine -------------------------------------------------------------
@@ -148,6 +165,29 @@ class TestWorkerExtensionInEngine:
         llm.collective_rpc("qerl_write_clean_norms")
         assert greedy() == clean
         assert noisy != clean
+
+    def test_rin_multipliers_reach_the_worker_and_scale_each_blocks_draw(self, llm, tiny_bf16_model_dir):
+        clean = _clean_norms(tiny_bf16_model_dir)
+        payload = json.loads(_payload(0.05, 6))
+        payload.update(rin_block_multipliers=list(RIN_PLAN.block_multipliers), rin_final_norm_multiplier=1.0)
+        (result,) = llm.collective_rpc(AQN_RPC_METHOD, args=(json.dumps(payload),))
+        # The worker maps its own norm names to the same per-norm multipliers as the trainer's pure function.
+        assert result["rin_multipliers"] == norm_multipliers(
+            TARGETS, RIN_PLAN.block_multipliers, final_norm_multiplier=1.0
+        )
+        assert result["num_noised_modules"] == len(TARGETS)
+        _assert_norms(self._engine_norms(llm), _expected_rin(clean, 0.05, 6))
+        # Targeted on block 1: block 0's norms stay clean and are not counted.
+        payload.update(rin_block_multipliers=[0.0, 1.0], rin_final_norm_multiplier=0.0, step=7)
+        (result,) = llm.collective_rpc(AQN_RPC_METHOD, args=(json.dumps(payload),))
+        assert result["num_noised_modules"] == 2
+        engine = self._engine_norms(llm)
+        plain = _expected(clean, 0.05, 7)
+        for name in TARGETS:
+            assert torch.equal(engine[name], clean[name] if ".layers.0." in name else plain[name]), name
+        # A payload without RIN is plain AQN again.
+        llm.collective_rpc(AQN_RPC_METHOD, args=(_payload(0.05, 8),))
+        _assert_norms(self._engine_norms(llm), _expected(clean, 0.05, 8))
 
 
 # ---- 2. a real vLLM server process --------------------------------------------------------------------------------------
@@ -262,6 +302,15 @@ def test_apply_aqn_on_server_noises_the_servers_norms_without_accumulating(serve
     for step, sigma in [(3, 0.05), (4, 0.05)]:
         assert apply_aqn_on_server(client, sigma, seed=SEED, step=step) == len(TARGETS)  # 2 x num_hidden_layers
         _assert_norms(_server_norms(client), _expected(clean, sigma, step))
+    assert apply_aqn_on_server(client, 0.0, seed=SEED, step=5) == 0
+    _assert_norms(_server_norms(client), clean)
+
+
+def test_apply_aqn_on_server_sends_the_rin_multipliers(server):
+    client, model_dir = server
+    clean = _clean_norms(model_dir)
+    assert apply_aqn_on_server(client, 0.05, seed=SEED, step=3, rin=RIN_PLAN) == len(TARGETS)
+    _assert_norms(_server_norms(client), _expected_rin(clean, 0.05, 3))
     assert apply_aqn_on_server(client, 0.0, seed=SEED, step=5) == 0
     _assert_norms(_server_norms(client), clean)
 

@@ -59,6 +59,57 @@ class TestRows:
                 assert command[command.index("--quant_format") + 1] == table1.ROWS[row].base_format
 
 
+class TestRINRows:
+    """RIN arms (table1.EXTRA_ROWS): CPU testbed only, run only when named, shown in the report only when present."""
+
+    def test_default_grid_does_not_run_them(self, tmp_path):
+        results = tmp_path / "results"
+        # Every job "finished", the RIN rows' too: the grid lists the rows it would run as skipped and launches nothing
+        # (also when this test fails).
+        for row in table1.ALL_ROWS:
+            path = results / "adder3" / table1.result_name(row, None if not table1.ALL_ROWS[row].trained else 42)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+        run = [sys.executable, "-m", "qerl_repro.table1", "run", "--scale", "cpu", "--results_dir", str(results)]
+        proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        listed = [line.split(": ")[1].split(" seed")[0] for line in proc.stdout.splitlines()]
+        assert sorted(listed) == sorted(table1.ROWS)
+        assert not set(table1.EXTRA_ROWS) & set(listed) and set(table1.EXTRA_ROWS) == {
+            "nvfp4_rin_targeted",
+            "nvfp4_rin_variable",
+        }
+
+    @pytest.mark.parametrize("row", ["nvfp4_rin_targeted", "nvfp4_rin_variable"])
+    def test_cpu_recipes_exist_and_gpu_scale_is_refused(self, row, tmp_path):
+        import yaml
+
+        command = table1.build_command("cpu", "adder3", row, 42, "runs/x")
+        with open(os.path.join(ROOT, command[command.index("--config") + 1])) as f:
+            values = yaml.safe_load(f)
+        assert (values["quant_format"], values["aqn"], values["aqn_rin"]) == ("nvfp4", True, row.split("_")[-1])
+        assert os.path.isfile(os.path.join(ROOT, values["aqn_rin_srdd"]))  # the committed testbed SRDD JSON
+        with pytest.raises(SystemExit, match="have no recipe at scale gpu"):
+            table1.run_grid("gpu", "Qwen2.5-3B-Instruct", [row], 1, results_dir=str(tmp_path), runs_dir=str(tmp_path))
+
+    @pytest.mark.skipif(not os.path.isdir(COMMITTED), reason="no committed grid results")
+    def test_report_shows_them_only_when_present(self, tmp_path):
+        source = os.path.join(COMMITTED, "adder3", "nvfp4_aqn-seed42.json")
+        with open(source) as f:
+            result = json.load(f)
+        (tmp_path / "adder3").mkdir()
+        (tmp_path / "adder3" / "nvfp4_aqn-seed42.json").write_text(json.dumps(result))
+        without = table1.render_report(str(tmp_path), "cpu")
+        assert "RIN" not in without
+        result["row"] = "nvfp4_rin_targeted"  # the same run relabelled: the report's layout is under test
+        (tmp_path / "adder3" / "nvfp4_rin_targeted-seed42.json").write_text(json.dumps(result))
+        text = table1.render_report(str(tmp_path), "cpu")
+        assert "| NVFP4 | LoRA + RIN targeted (seeds' SRDD-guided AQN) | 1 |" in text
+        assert "| NVFP4 LoRA + AQN (QeRL) | NVFP4 LoRA + RIN targeted (seeds' SRDD-guided AQN) | +0.0" in text
+        assert "ROWS=nvfp4_aqn,nvfp4_rin_targeted" in text
+        assert "RIN variable" not in text
+
+
 def _run(row, seed, pass1, *, first=None, auc=None):
     """A results JSON as `collect` writes it (only the fields the statistics read)."""
     first = first if first is not None else [int(p >= 0.5) for p in pass1]

@@ -122,6 +122,8 @@ class TestRecipes:
         "testbed_nvfp4_lora": ("nvfp4", False, True),
         "testbed_nvfp4_aqn": ("nvfp4", True, True),
         "testbed_bf16_aqn": ("none", True, True),  # not a paper row: QeRL issue #11's ablation
+        "testbed_nvfp4_rin_targeted": ("nvfp4", True, True),  # not paper rows: the seeds' RIN (table1.EXTRA_ROWS)
+        "testbed_nvfp4_rin_variable": ("nvfp4", True, True),
     }
 
     def test_one_yaml_per_table1_row(self):
@@ -129,7 +131,8 @@ class TestRecipes:
         assert found == sorted(self.ARMS)
 
     @pytest.mark.parametrize("arm", sorted(ARMS))
-    def test_yaml_parses_and_matches_its_row(self, arm):
+    def test_yaml_parses_and_matches_its_row(self, arm, monkeypatch):
+        monkeypatch.chdir(ROOT)  # the RIN arms name their SRDD JSON relative to the repository, as the grid runs them
         path = os.path.join(ROOT, "recipes", "testbed", f"{arm}.yaml")
         with open(path) as f:
             values = yaml.safe_load(f)

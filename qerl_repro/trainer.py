@@ -526,6 +526,12 @@ class QeRLTrainer(GRPOTrainer):
             raise TypeError(f"QeRLTrainer needs a QeRLConfig, got {type(args).__name__}.")
         loaded_here = isinstance(model, str) and args.quant_format != "none"
         model = prepare_base_model(model, args)
+        if args.quant_activations:
+            from qerl_repro.w4a4 import set_activation_quant_
+
+            set_activation_quant_(
+                model, True
+            )  # W4A4: FP4 inputs into the base GEMMs (LoRA inputs stay high precision)
         if args.train_norms:
             kwargs["peft_config"] = add_norms_to_modules_to_save(model, kwargs.get("peft_config"))
         adapter_sync, engine_dtype = (None, None)

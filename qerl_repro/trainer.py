@@ -529,9 +529,8 @@ class QeRLTrainer(GRPOTrainer):
         if args.quant_activations:
             from qerl_repro.w4a4 import set_activation_quant_
 
-            set_activation_quant_(
-                model, True
-            )  # W4A4: FP4 inputs into the base GEMMs (LoRA inputs stay high precision)
+            # W4A4: FP4 inputs into the base GEMMs (LoRA inputs stay high precision)
+            set_activation_quant_(model, True)
         if args.train_norms:
             kwargs["peft_config"] = add_norms_to_modules_to_save(model, kwargs.get("peft_config"))
         adapter_sync, engine_dtype = (None, None)

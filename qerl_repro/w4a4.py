@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         with open(args.output, "w") as f:
             f.write(text + "\n")
-    print(text)
+    sys.stdout.write(text + "\n")
     return result
 
 

@@ -564,6 +564,12 @@ class QeRLTrainer(GRPOTrainer):
         self._hf_norm_targets = None
         if self.use_vllm:
             self.vllm_generation.post_sync_hook = self._apply_aqn_after_sync
+        if args.vllm_quant_activations:
+            from qerl_repro.w4a4 import install_engine_activation_quant_
+
+            install_engine_activation_quant_(
+                self.vllm_generation.engine_model, args.quant_format, mxfp4_scale_mode=args.mxfp4_scale_mode
+            )
 
     # ---- schedule -------------------------------------------------------------------------------------------------
     def current_aqn_sigma(self) -> tuple[float, int]:

@@ -4,7 +4,9 @@
 `QeRLConfig(quant_activations=True)` (NVFP4 / MXFP4 bases only) makes every packed base layer (`FP4Linear`) of the
 policy fake-quantize its input to the base's format before the GEMM: the training forward computes
 `F.linear(Q(x), W_hat, b)` and the backward `grad_x = grad_y @ W_hat` (the STE: `d Q(x) / dx = I`; the seed studies'
-W4A4 trained only after they added one, DESIGN.md trap 4). The base weight stays the frozen packed one.
+W4A4 trained only after they added one, DESIGN.md trap 4). The base weight stays the frozen packed one. `Q` works one
+token at a time (`quantization.ste.fake_quantize_activation`; NVFP4 with a per-token FP32 scale), so a token's
+logprob does not depend on what else is in its batch.
 
 The LoRA path keeps high-precision inputs: PEFT's `lora.Linear` calls `base_layer(x)` (quantized here) and
 `lora_B(lora_A(x))` on the unquantized `x`. That is what W4A4 hardware runs: the base GEMM takes FP4 activations on the
@@ -17,7 +19,8 @@ Rollout engine mismatch. vLLM's W4A4 FP4 schemes need Blackwell-class GPUs (refe
 `activation_quant_logprob_gap` measures that gap on a batch (the trainer's W4A4 logprobs vs W4A16 logprobs of the same
 tokens); during training TRL logs the engine-vs-trainer gap itself as `sampling/sampling_logp_difference/{mean,max}`
 when `vllm_importance_sampling_correction=True`. `python -m qerl_repro.w4a4` writes the gap of the CPU testbed organism
-to a JSON.
+to a JSON. `vllm_quant_activations=True` emulates W4A4 in the colocated engine instead (`install_engine_activation_quant_`:
+the same fake quantization on the inputs of vLLM's Linear layers, with forward pre-hooks).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "activation_quant",
     "activation_quant_logprob_gap",
     "completion_logprobs",
+    "install_engine_activation_quant_",
     "set_activation_quant_",
 ]
 
@@ -76,6 +80,43 @@ def activation_quant(model: nn.Module, enabled: bool):
     finally:
         for m, state in zip(layers, saved, strict=True):
             m.quantize_activations = state
+
+
+def _quantize_input_hook(fmt: str, mxfp4_scale_mode: str, name: str):
+    from qerl_repro.quantization.ste import fake_quantize_activation
+
+    def hook(module, args):
+        x, *rest = args
+        return (fake_quantize_activation(x, fmt, mxfp4_scale_mode=mxfp4_scale_mode, name=f"{name} input"), *rest)
+
+    return hook
+
+
+def install_engine_activation_quant_(engine_model: nn.Module, fmt: str, mxfp4_scale_mode: str = "even") -> list[str]:
+    """Emulate W4A4 in a colocated vLLM engine: a forward pre-hook on every vLLM `LinearBase` layer (qkv_proj, o_proj,
+    gate_up_proj, down_proj; not the LM head, which is an embedding-type layer in vLLM) fake-quantizes its input to
+    `fmt`, as `FP4Linear.quantize_activations` does in the trainer. Returns the hooked layer names.
+
+    Fused layers see the same input as their HF parts (q/k/v and gate/up share one), and the quantization is per token
+    (`fake_quantize_activation`), so engine and trainer quantize a token alike however they batch it. Hooks only
+    run when vLLM calls the module (an eager engine, `enforce_eager`, the CPU default); a LoRA-serving engine
+    (`vllm_adapter_sync="unmerged"`) calls its base layers' kernels directly and is refused.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+
+    if any(hasattr(module, "lora_a_stacked") for module in engine_model.modules()):
+        raise UserError(
+            "vllm_quant_activations cannot emulate W4A4 in an engine that serves the LoRA adapter unmerged: its LoRA "
+            "layers call the base kernels directly. Use vllm_adapter_sync='merged' (the CPU default)."
+        )
+    names = []
+    for name, module in engine_model.named_modules():
+        if isinstance(module, LinearBase):
+            module.register_forward_pre_hook(_quantize_input_hook(fmt, mxfp4_scale_mode, name))
+            names.append(name)
+    if not names:
+        raise UserError(f"vllm_quant_activations found no vLLM Linear layer in {type(engine_model).__name__}.")
+    return names
 
 
 @torch.no_grad()

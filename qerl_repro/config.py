@@ -34,6 +34,17 @@ class QeRLConfig(GRPOConfig):
             How MXFP4 picks its E8M0 block scale: `"even"` (compressed-tensors / vLLM checkpoints), `"floor"` (OCP spec)
             or `"rceil"`.
 
+        > Parameters that control W4A4 training
+
+        quant_activations (`bool`, *optional*, defaults to `False`):
+            W4A4: also fake-quantize the inputs of the frozen 4-bit base layers to `quant_format` in the training
+            forward, with a straight-through estimator (NVFP4 / MXFP4 bases only). LoRA's inputs stay in high precision,
+            as on W4A4 hardware. The CPU rollout engine still runs W4A16 (see `qerl_repro.w4a4`).
+        vllm_quant_activations (`bool`, *optional*, defaults to `False`):
+            With `quant_activations`: emulate W4A4 in the colocated vLLM engine too (the same FP4 fake quantization on
+            the inputs of its Linear layers), so rollouts come from the policy being trained. Needs an eager engine
+            with the merged sync (the CPU defaults); vLLM's own W4A4 FP4 kernels need Blackwell GPUs.
+
         > Parameters that control adaptive quantization noise (AQN)
 
         aqn (`bool`, *optional*, defaults to `False`):
@@ -114,6 +125,20 @@ class QeRLConfig(GRPOConfig):
     mxfp4_scale_mode: str = field(
         default="even",
         metadata={"help": "How MXFP4 picks its E8M0 block scale.", "choices": ["even", "floor", "rceil"]},
+    )
+
+    # Parameters that control W4A4 training
+    quant_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "W4A4: also fake-quantize the inputs of the frozen 4-bit base layers (STE; NVFP4 / MXFP4 only)."
+        },
+    )
+    vllm_quant_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "With quant_activations: emulate W4A4 in the colocated vLLM engine too (eager, merged sync)."
+        },
     )
 
     # Parameters that control adaptive quantization noise (AQN)
@@ -197,6 +222,18 @@ class QeRLConfig(GRPOConfig):
             raise ValueError(f"quant_format={self.quant_format!r} is not one of {list(QUANT_FORMATS)}.")
         if self.mxfp4_scale_mode not in ("even", "floor", "rceil"):
             raise ValueError(f"mxfp4_scale_mode={self.mxfp4_scale_mode!r} is not one of ['even', 'floor', 'rceil'].")
+        if self.quant_activations and self.quant_format not in ("nvfp4", "mxfp4"):
+            raise ValueError(
+                f"quant_activations=True needs quant_format 'nvfp4' or 'mxfp4' (FP4 activations into FP4 GEMMs), got "
+                f"quant_format={self.quant_format!r}."
+            )
+        if self.vllm_quant_activations and not (
+            self.quant_activations and self.use_vllm and self.vllm_mode == "colocate"
+        ):
+            raise ValueError(
+                "vllm_quant_activations=True emulates W4A4 in the colocated vLLM engine: it needs quant_activations=True, "
+                "use_vllm=True and vllm_mode='colocate'."
+            )
         if self.aqn_schedule not in AQN_SCHEDULES:
             raise ValueError(f"aqn_schedule={self.aqn_schedule!r} is not one of {list(AQN_SCHEDULES)}.")
         for name in ("aqn_sigma_start", "aqn_sigma_end"):

@@ -1,5 +1,6 @@
 # Copyright 2026 The qerl_repro Authors. Licensed under the Apache License, Version 2.0.
-"""GSM8K for GRPO: the Hub dataset (`openai/gsm8k`, config `main`) or local JSONL files, with QeRL's system prompt.
+"""GSM8K for GRPO: the Hub dataset (`openai/gsm8k`, config `main`) or local JSONL files, with QeRL's system prompt
+(and Big-Math, QeRL Table 2's DAPO data: `load_bigmath`, at the end of this module).
 
 Each example becomes a TRL conversational prompt-only row::
 
@@ -318,3 +319,121 @@ def add_assistant_prefill(dataset, tokenizer, prefill: str = "<think>"):
             "template's own: the prefilled prompts would not match the conversational ones"
         )
     return dataset.map(lambda row: {"prompt": render(row["prompt"]), "prefill": prefill})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Big-Math (QeRL Table 2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+BIGMATH_DATASET = "open-r1/Big-Math-RL-Verified-Processed"
+# Columns of open-r1's processed Big-Math (its create_dataset.py renames SynthLabsAI/Big-Math-RL-Verified's `problem`
+# and `answer` to `prompt` and `solution`; `source`, `domain` and `llama8b_solve_rate` are kept and not needed here).
+BIGMATH_COLUMNS = ("prompt", "solution")
+# QeRL (qerl.py get_dataset): Big-Math problems longer than 1024 characters are dropped.
+BIGMATH_MAX_PROMPT_CHARS = 1024
+_TABLE_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _resolve_table_files(dataset_path: str, split: str) -> tuple[str, list[str]]:
+    """`(builder, files)` of a local copy: one `.jsonl` / `.json` / `.parquet` file, or a folder holding
+    `<split>.<ext>` or `<split>-*.<ext>` files (the Hub's parquet layout, e.g. `level_3_4_5/train-00000-of-00001.parquet`)."""
+    if os.path.isfile(dataset_path):
+        ext = os.path.splitext(dataset_path)[1]
+        if ext not in _TABLE_EXTENSIONS:
+            raise ValueError(
+                f"{dataset_path}: expected a {'/'.join(_TABLE_EXTENSIONS)} file, got {ext or 'no extension'!r}"
+            )
+        return _TABLE_EXTENSIONS[ext], [dataset_path]
+    if not os.path.isdir(dataset_path):
+        raise FileNotFoundError(f"dataset_path {dataset_path!r} is neither a file nor a folder")
+    names = sorted(os.listdir(dataset_path))
+    for ext, builder in _TABLE_EXTENSIONS.items():
+        files = [n for n in names if n.endswith(ext) and (n == f"{split}{ext}" or n.startswith(f"{split}-"))]
+        if files:
+            return builder, [os.path.join(dataset_path, n) for n in files]
+    raise FileNotFoundError(
+        f"No {split}.jsonl / {split}.parquet / {split}-*.parquet in {dataset_path} (files there: {names or 'none'})"
+    )
+
+
+def load_bigmath(
+    split: str = "train",
+    *,
+    dataset_path: str | None = None,
+    dataset_name: str = BIGMATH_DATASET,
+    dataset_config: str | None = "level_3_4_5",
+    limit: int | None = None,
+    max_prompt_chars: int | None = BIGMATH_MAX_PROMPT_CHARS,
+    system_prompt: str | None = QERL_SYSTEM_PROMPT,
+    seed: int | None = None,
+):
+    """Load Big-Math (QeRL Table 2: DAPO on `open-r1/Big-Math-RL-Verified-Processed`) as a TRL conversational
+    prompt-only dataset with columns `prompt` (QeRL's system prompt + the problem), `solution` (the gold answer, a
+    LaTeX or plain expression for `math_verify`) and `question`.
+
+    As QeRL's `get_dataset`: configuration `level_3_4_5` (7B / 14B; `level_4_5` for 32B), split `train`, problems of
+    at most 1024 characters. Rows with an empty problem or answer are dropped too.
+
+    Args:
+        split (`str`, *optional*, defaults to `"train"`): the split (the Hub dataset has only `train`).
+        dataset_path (`str`, *optional*): a local copy with the same columns (`prompt`, `solution`): a `.jsonl`,
+            `.json` or `.parquet` file, or a folder with `<split>.jsonl`, `<split>.parquet` or `<split>-*.parquet`.
+            Unset: the Hub dataset `dataset_name` / `dataset_config`.
+        dataset_name (`str`, *optional*), dataset_config (`str`, *optional*, defaults to `"level_3_4_5"`): the Hub
+            dataset and its difficulty configuration.
+        limit (`int`, *optional*): keep the first `limit` rows (after shuffling when `seed` is given).
+        max_prompt_chars (`int` or `None`, *optional*, defaults to 1024): drop longer problems; `None` keeps all.
+        system_prompt (`str` or `None`, *optional*): the system message (`QERL_SYSTEM_PROMPT`); `None`: user only.
+        seed (`int`, *optional*): shuffle with this seed before `limit`.
+
+    Raises:
+        ValueError: a column is missing (the message names it and lists the columns found), or no row is left.
+        FileNotFoundError: `dataset_path` holds no file for `split`.
+        ConnectionError: the Hub is unreachable; the message suggests `--dataset_path`.
+    """
+    import datasets
+
+    if dataset_path is not None:
+        builder, files = _resolve_table_files(dataset_path, split)
+        source = ", ".join(files)
+        table = datasets.load_dataset(builder, data_files=files, split="train")
+    else:
+        source = f"{dataset_name} ({dataset_config}) on the Hub"
+        try:
+            table = datasets.load_dataset(dataset_name, dataset_config, split=split)
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"Could not load {dataset_name!r} ({dataset_config}) from the Hugging Face Hub: {exc}. Load a local "
+                "copy with `--dataset_path <folder with train.jsonl or train-*.parquet, columns prompt, solution>`."
+            ) from exc
+    missing = [column for column in BIGMATH_COLUMNS if column not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{source} is not in the Big-Math format: missing column(s) {missing} (found: {table.column_names}); "
+            f"expected {list(BIGMATH_COLUMNS)} as in {BIGMATH_DATASET}"
+        )
+    num_read = len(table)
+
+    def keep(row) -> bool:
+        problem, answer = row["prompt"], row["solution"]
+        if not isinstance(problem, str) or not problem.strip() or not isinstance(answer, str) or not answer.strip():
+            return False
+        return max_prompt_chars is None or len(problem) <= max_prompt_chars
+
+    table = table.filter(keep)
+    if not len(table):
+        raise ValueError(f"{source}: no usable Big-Math rows in split {split!r} ({num_read} read, all dropped)")
+    table = table.map(
+        lambda row: {
+            "prompt": make_prompt(row["prompt"].strip(), system_prompt),
+            "solution": row["solution"].strip(),
+            "question": row["prompt"].strip(),
+        },
+        remove_columns=table.column_names,
+    )
+    if seed is not None:
+        table = table.shuffle(seed=seed)
+    if limit is not None:
+        table = table.select(range(min(limit, len(table))))
+    logger.info("Big-Math %s: %d of %d rows from %s", split, len(table), num_read, source)
+    return table

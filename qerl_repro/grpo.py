@@ -60,6 +60,13 @@ class QeRLScriptArguments(ScriptArguments):
             Also evaluate every this many steps (`eval_step_<N>.json`, logged as `gsm8k/accuracy`); 0 disables.
         plots (`bool`, *optional*, defaults to `True`):
             Write PNG training curves to `<output_dir>/plots`.
+        dataset_format (`str`, *optional*, defaults to `"gsm8k"`):
+            `"gsm8k"` (`qerl_repro.data.load_gsm8k`) or `"bigmath"` (`load_bigmath`: QeRL Table 2's
+            open-r1/Big-Math-RL-Verified-Processed, `dataset_config` `level_3_4_5` or `level_4_5`; `dataset_path` takes a
+            local JSONL/parquet copy). Big-Math has no test split and Table 2's benchmarks (MATH500, AIME, AMC) are not
+            wired in: a `bigmath` run needs `eval_at_start`, `eval_at_end` and `gsm8k_eval_steps` off.
+        overlong_buffer_length (`int`, *optional*):
+            The overlong buffer of the `soft_overlong` reward (DAPO Eq. 13); required when that reward is used.
         recipe_config (`str`, *optional*):
             The YAML the run was configured from; `parse_recipe_args` sets it, and the run copies the file to
             `<output_dir>/recipe.yaml` (so checkpoints and Hub pushes carry their recipe).
@@ -86,6 +93,12 @@ class QeRLScriptArguments(ScriptArguments):
     eval_at_end: bool = field(default=True, metadata={"help": "Evaluate after the last step."})
     gsm8k_eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: never)."})
     plots: bool = field(default=True, metadata={"help": "Write PNG training curves."})
+    dataset_format: str = field(
+        default="gsm8k", metadata={"help": "Training data: gsm8k or bigmath.", "choices": ["gsm8k", "bigmath"]}
+    )
+    overlong_buffer_length: int | None = field(
+        default=None, metadata={"help": "Overlong buffer of the soft_overlong reward (DAPO Eq. 13)."}
+    )
     recipe_config: str | None = field(
         default=None, metadata={"help": "The run's YAML (set from --config); copied to <output_dir>/recipe.yaml."}
     )
@@ -97,9 +110,18 @@ class QeRLScriptArguments(ScriptArguments):
             raise ValueError(f"gsm8k_eval_steps={self.gsm8k_eval_steps} must be >= 0.")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"eval_limit={self.eval_limit} must be >= 1 (or unset for all 1319 questions).")
-        from qerl_repro.rewards import get_reward_funcs
+        from qerl_repro.rewards import check_reward_names
 
-        get_reward_funcs(self.reward_funcs)  # unknown names fail here, before any model is loaded
+        check_reward_names(self.reward_funcs)  # unknown names fail here, before any model is loaded
+        if "soft_overlong" in self.reward_funcs and self.overlong_buffer_length is None:
+            raise ValueError("reward_funcs has soft_overlong: set overlong_buffer_length (its buffer, in tokens).")
+        if self.dataset_format not in ("gsm8k", "bigmath"):
+            raise ValueError(f"dataset_format={self.dataset_format!r} is not one of ['gsm8k', 'bigmath'].")
+        if self.dataset_format == "bigmath" and (self.eval_at_start or self.eval_at_end or self.gsm8k_eval_steps):
+            raise ValueError(
+                "dataset_format='bigmath' has no evaluation here (Table 2's MATH500 / AIME / AMC are not wired in): "
+                "set eval_at_start: false, eval_at_end: false and gsm8k_eval_steps: 0."
+            )
 
 
 def make_parser() -> TrlParser:
@@ -234,7 +256,12 @@ def build_trainer(
     }
     return QeRLTrainer(
         model=model_path,
-        reward_funcs=reward_funcs or get_reward_funcs(script_args.reward_funcs),
+        reward_funcs=reward_funcs
+        or get_reward_funcs(
+            script_args.reward_funcs,
+            max_completion_length=training_args.max_completion_length,
+            overlong_buffer_length=getattr(script_args, "overlong_buffer_length", None),
+        ),
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
@@ -252,7 +279,7 @@ def main(
 ) -> dict:
     """Train and evaluate; `train_dataset` / `eval_dataset` (rows with `prompt`, `solution`, `question`) replace
     GSM8K when given (the CPU testbed, `qerl_repro.testbed.grpo_main`)."""
-    from qerl_repro.data import add_assistant_prefill, load_gsm8k
+    from qerl_repro.data import add_assistant_prefill, load_bigmath, load_gsm8k
     from qerl_repro.evaluation import load_eval_dataset
     from qerl_repro.hub import launch_command
     from qerl_repro.models import resolve_model_path
@@ -295,9 +322,12 @@ def main(
         dataset_name=script_args.dataset_name,
         dataset_config=script_args.dataset_config,
     )
+    if train_dataset is None and script_args.dataset_format == "bigmath":
+        train_dataset = load_bigmath("train", limit=script_args.train_limit, seed=training_args.seed, **data_kwargs)
     if train_dataset is None:
         train_dataset = load_gsm8k("train", limit=script_args.train_limit, seed=training_args.seed, **data_kwargs)
-    if eval_dataset is None:
+    evaluates = script_args.eval_at_start or script_args.eval_at_end or script_args.gsm8k_eval_steps
+    if eval_dataset is None and evaluates:
         eval_dataset = load_eval_dataset(
             "test", limit=script_args.eval_limit, subset_seed=script_args.eval_subset_seed, **data_kwargs
         )
@@ -309,7 +339,8 @@ def main(
         tokenizer.pad_token = tokenizer.eos_token
     if script_args.assistant_prefill:
         train_dataset = add_assistant_prefill(train_dataset, tokenizer, script_args.assistant_prefill)
-        eval_dataset = add_assistant_prefill(eval_dataset, tokenizer, script_args.assistant_prefill)
+        if eval_dataset is not None:
+            eval_dataset = add_assistant_prefill(eval_dataset, tokenizer, script_args.assistant_prefill)
 
     # Model, rewards and trainer (QeRLTrainer loads and quantizes the base: `quant_format`)
     trainer = build_trainer(script_args, training_args, model_args, model_path, tokenizer, train_dataset)

@@ -13,12 +13,16 @@ the whole assistant reply. `None` means "no reward defined" (TRL turns it into N
 | `answer`                    | `answer_reward`                    | 2.0               | QeRL (paper recipes)         |
 | `numeric_answer`            | `numeric_answer_reward`            | 2.0               | normalised-number variant    |
 | `math_verify`               | `math_verify_reward`               | 2.0 / None        | math-verify variant          |
+| `math_verify_latex`         | `math_verify_latex_reward`         | 2.0 / None        | Big-Math (LaTeX golds)       |
 | `shaped_format`             | `shaped_format_reward`             | 0.05 per tag, 0.2 | CPU demo (no placeholders)   |
 | `strict_numeric_format`     | `strict_numeric_format_reward`     | 0.2               | CPU demo, reward-hack guard  |
 | `answer_starts_with_number` | `answer_starts_with_number_reward` | 0.1               | CPU demo                     |
 | `exact_reply`               | `exact_reply_reward`               | 2.0               | CPU testbed (`testbed.py`)   |
+| `soft_overlong`             | `get_soft_overlong_reward(...)`    | 0 to -1           | DAPO recipes (Eq. 13)        |
 
-The paper recipes use `format` + `answer` (QeRL's `utils/rewards.py`: total in {0, 0.2, 2.0, 2.2}).
+The paper recipes use `format` + `answer` (QeRL's `utils/rewards.py`: total in {0, 0.2, 2.0, 2.2}). `soft_overlong`
+needs the run's `max_completion_length` and an overlong buffer, so `get_reward_funcs` builds it from those
+(`REWARD_FACTORIES`); its penalty factor is its entry in `reward_weights`.
 """
 
 import re
@@ -180,6 +184,62 @@ def math_verify_reward(completions: list, solution: list[str], **kwargs) -> list
     return rewards
 
 
+_LATEX_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+
+
+def _as_latex(text: str) -> str:
+    """`text` inside `$...$` unless it already carries LaTeX math delimiters or a box."""
+    return text if any(d in text for d in _LATEX_DELIMITERS) else f"${text}$"
+
+
+def math_verify_latex_reward(completions: list, solution: list[str], **kwargs) -> list[float | None]:
+    """Big-Math (QeRL Table 2): 2.0 if math-verify judges the reply's answer equal to the gold LaTeX answer, 0.0 if
+    not, `None` if the gold does not parse.
+
+    Big-Math's gold answers are bare LaTeX (`2\\sqrt{3}`, `\\frac{\\pi}{2}`, `[1,2)`, `3, 4`), which math-verify's
+    default parse misreads without math delimiters (`parse("2\\sqrt{3}")` is `2`, `parse("3, 4")` is `4`,
+    `\\frac{\\pi}{2}` does not parse): `math_verify_reward` (and TRL's `accuracy_reward`) would then pay a bare
+    "2" for `2\\sqrt{3}`. Here both sides are parsed as LaTeX math (`$...$` added unless the text already has `$`,
+    `\\(`, `\\[` or `\\boxed`). The answer is the `<answer>` text when the reply has the tag (boxed or not); a
+    reply without it is searched like open-r1's / QeRL's Big-Math reward, LaTeX only (a `\\boxed{}` or math
+    delimiters), so a stray number in the reasoning earns nothing.
+
+    Args:
+        completions (`list`): conversational completions or strings.
+        solution (`list[str]`): the gold answers (Big-Math's `solution` column).
+        **kwargs: other dataset columns; `prefill` is prepended to each reply.
+
+    Returns:
+        `list[float | None]`: 2.0, 0.0 or None per completion.
+
+    >>> math_verify_latex_reward(["<answer> \\sqrt{12} </answer>", "<answer> 2 </answer>"], ["2\\sqrt{3}"] * 2)
+    [2.0, 0.0]
+    """
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    timeout = _math_verify_timeout()
+    texts = _completion_texts(completions, kwargs.get("prefill"))
+    rewards: list[float | None] = []
+    for text, gold in zip(texts, solution, strict=True):
+        gold_parsed = parse(_as_latex(gold), parsing_timeout=timeout)
+        if not gold_parsed:
+            rewards.append(None)
+            continue
+        answer = extract_answer(text)
+        if answer is not None:
+            answer_parsed = parse(_as_latex(answer), parsing_timeout=timeout) if answer else []
+        else:
+            answer_parsed = parse(text, extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
+        if not answer_parsed:
+            rewards.append(0.0)
+            continue
+        try:
+            rewards.append(ANSWER_REWARD if verify(gold_parsed, answer_parsed, timeout_seconds=timeout) else 0.0)
+        except Exception:  # noqa: BLE001 - as open-r1: a verify failure means "no reward", not a crash
+            rewards.append(None)
+    return rewards
+
+
 def _is_placeholder(content: str) -> bool:
     """True for block content that says nothing: empty, punctuation only (`...`, `…`, `. . .`) or the system
     prompt's template phrases (`reasoning process here`, `answer here`)."""
@@ -318,6 +378,7 @@ REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
     "answer": answer_reward,
     "numeric_answer": numeric_answer_reward,
     "math_verify": math_verify_reward,
+    "math_verify_latex": math_verify_latex_reward,
     "shaped_format": shaped_format_reward,
     "strict_numeric_format": strict_numeric_format_reward,
     "answer_starts_with_number": answer_starts_with_number_reward,
@@ -325,19 +386,78 @@ REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
 }
 """Short names (the YAML `reward_funcs` entries) -> reward functions."""
 
+
+def get_soft_overlong_reward(max_completion_length: int, buffer_length: int) -> Callable[..., list[float]]:
+    """DAPO's soft overlong punishment (DAPO paper Eq. 13, https://huggingface.co/papers/2503.14476), TRL's
+    `trl.rewards.get_soft_overlong_punishment`: a completion of `n` tokens earns 0 when `n <= L - B`, the linear
+    penalty `(L - B - n) / B` in the buffer `L - B < n <= L`, and -1 beyond `L`, with `L = max_completion_length` and
+    `B = buffer_length`. The DAPO penalty factor is this reward's weight in `reward_weights` (the reward itself stays
+    in [-1, 0]). It reads TRL's `completion_ids` (token counts, EOS included), not the text.
+
+    With `mask_truncated_completions=True` a completion that reaches `L` without EOS is masked out of the loss, so
+    in practice only the buffer's linear part shapes the gradient.
+
+    Args:
+        max_completion_length (`int`): `L`, the run's `max_completion_length`.
+        buffer_length (`int`): `B`, the overlong buffer, 1 <= B <= L.
+
+    Returns:
+        The reward function (logged as `soft_overlong_punishment_reward`).
+
+    >>> get_soft_overlong_reward(100, 20)(completion_ids=[[1] * 80, [1] * 90, [1] * 100])
+    [0.0, -0.5, -1.0]
+    """
+    if not 1 <= buffer_length <= max_completion_length:
+        raise ValueError(
+            f"overlong_buffer_length={buffer_length} must be between 1 and max_completion_length="
+            f"{max_completion_length} (the penalty ramps from 0 at L - B tokens to -1 at L)."
+        )
+    from trl.rewards import get_soft_overlong_punishment
+
+    return get_soft_overlong_punishment(max_completion_len=max_completion_length, soft_punish_cache=buffer_length)
+
+
+REWARD_FACTORIES: dict[str, Callable[..., Callable[..., list[float | None]]]] = {
+    "soft_overlong": get_soft_overlong_reward,
+}
+"""Short names of rewards built from the run's settings (see `get_reward_funcs`) -> their factories."""
+
 QERL_REWARD_FUNCS = ["format", "answer"]
 """QeRL's GSM8K rewards, the default of the paper recipes."""
 
 
-def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float | None]]]:
+def check_reward_names(names: list[str]) -> None:
+    """Raise a `ValueError` listing the valid names if any of `names` is not a reward name."""
+    unknown = [name for name in names if name not in REWARD_FUNCS and name not in REWARD_FACTORIES]
+    if unknown:
+        raise ValueError(
+            f"Unknown reward function(s) {unknown}; valid names: {sorted([*REWARD_FUNCS, *REWARD_FACTORIES])}"
+        )
+
+
+def get_reward_funcs(
+    names: list[str], *, max_completion_length: int | None = None, overlong_buffer_length: int | None = None
+) -> list[Callable[..., list[float | None]]]:
     """Reward functions for the YAML names, in order; unknown names raise a `ValueError` listing the valid ones.
+
+    `soft_overlong` is built with `get_soft_overlong_reward(max_completion_length, overlong_buffer_length)`; asking
+    for it without both raises a `ValueError`.
 
     >>> [f.__name__ for f in get_reward_funcs(["format", "answer"])]
     ['format_reward', 'answer_reward']
     """
     if isinstance(names, str):
         names = [names]
-    unknown = [name for name in names if name not in REWARD_FUNCS]
-    if unknown:
-        raise ValueError(f"Unknown reward function(s) {unknown}; valid names: {sorted(REWARD_FUNCS)}")
-    return [REWARD_FUNCS[name] for name in names]
+    check_reward_names(names)
+    funcs = []
+    for name in names:
+        if name == "soft_overlong":
+            if max_completion_length is None or overlong_buffer_length is None:
+                raise ValueError(
+                    "The soft_overlong reward needs max_completion_length and overlong_buffer_length (e.g. "
+                    "`overlong_buffer_length: 1024` in the recipe YAML)."
+                )
+            funcs.append(get_soft_overlong_reward(max_completion_length, overlong_buffer_length))
+        else:
+            funcs.append(REWARD_FUNCS[name])
+    return funcs

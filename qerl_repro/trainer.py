@@ -558,6 +558,11 @@ class QeRLTrainer(GRPOTrainer):
         loaded_here = isinstance(model, str) and args.quant_format != "none"
         model = prepare_base_model(model, args)
         rin = rin_plan_from_config(args, num_blocks=_num_blocks(model))  # RIN: None unless aqn_rin is set
+        if args.quant_activations:
+            from qerl_repro.w4a4 import set_activation_quant_
+
+            # W4A4: FP4 inputs into the base GEMMs (LoRA inputs stay high precision)
+            set_activation_quant_(model, True)
         if args.train_norms:
             kwargs["peft_config"] = add_norms_to_modules_to_save(model, kwargs.get("peft_config"))
         adapter_sync, engine_dtype = (None, None)
@@ -594,6 +599,12 @@ class QeRLTrainer(GRPOTrainer):
             write_rin_multipliers(rin, args.output_dir, self.accelerator.is_main_process)
         if self.use_vllm:
             self.vllm_generation.post_sync_hook = self._apply_aqn_after_sync
+        if args.vllm_quant_activations:
+            from qerl_repro.w4a4 import install_engine_activation_quant_
+
+            install_engine_activation_quant_(
+                self.vllm_generation.engine_model, args.quant_format, mxfp4_scale_mode=args.mxfp4_scale_mode
+            )
 
     # ---- schedule -------------------------------------------------------------------------------------------------
     def current_aqn_sigma(self) -> tuple[float, int]:

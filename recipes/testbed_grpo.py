@@ -8,7 +8,8 @@ NVFP4 LoRA + AQN (QeRL) and NVFP4 LoRA:
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/testbed_grpo.py --config recipes/testbed/testbed_nvfp4_lora.yaml
 
 Other rows: `testbed_bf16_full.yaml`, `testbed_bf16_lora.yaml`, `testbed_nf4_qlora.yaml`, `testbed_mxfp4_lora.yaml`;
-the BF16 LoRA + AQN ablation (QeRL issue #11): `testbed_bf16_aqn.yaml`.
+the BF16 LoRA + AQN ablation (QeRL issue #11): `testbed_bf16_aqn.yaml`; not in the grid: W4A4 training
+(`testbed_nvfp4_w4a4.yaml`) and QeRL with the DAPO loss (`testbed_nvfp4_aqn_dapo.yaml`).
 Without `--config`, `recipes/testbed/testbed_nvfp4_aqn.yaml` is used. Command-line flags override the YAML.
 """
 

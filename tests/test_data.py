@@ -17,6 +17,7 @@ from qerl_repro.data import (
     GSM8KLoadReport,
     add_assistant_prefill,
     extract_gsm8k_solution,
+    load_bigmath,
     load_gsm8k,
     make_prompt,
     normalize_number,
@@ -355,3 +356,68 @@ class TestAssistantPrefill:
 def test_docstring_examples():
     result = doctest.testmod(data, raise_on_error=False)
     assert result.attempted >= 2 and result.failed == 0
+
+
+# Rows in the format of open-r1/Big-Math-RL-Verified-Processed (its create_dataset.py: SynthLabsAI/Big-Math-RL-Verified
+# with `problem` -> `prompt` and `answer` -> `solution`; `source`, `domain` and `llama8b_solve_rate` kept).
+BIGMATH_ROWS = [
+    {
+        "prompt": "Simplify $\\sqrt{12}$.",
+        "solution": "2\\sqrt{3}",
+        "source": "synthetic_math",
+        "domain": ["Mathematics -> Algebra -> Radicals"],
+        "llama8b_solve_rate": 0.40625,
+    },
+    {
+        "prompt": "What is 1/2 + 1/4?",
+        "solution": " \\frac{3}{4} ",
+        "source": "orca_math",
+        "domain": ["Mathematics -> Arithmetic"],
+        "llama8b_solve_rate": 0.25,
+    },
+    {"prompt": "x" * 1025, "solution": "1", "source": "s", "domain": [], "llama8b_solve_rate": 0.1},  # too long
+    {"prompt": "No answer", "solution": "", "source": "s", "domain": [], "llama8b_solve_rate": 0.1},  # empty gold
+]
+
+
+class TestLoadBigMath:
+    def _check(self, dataset):
+        assert dataset.column_names == ["prompt", "solution", "question"]
+        assert len(dataset) == 2  # the 1025-character problem and the empty answer are dropped
+        assert dataset[0]["prompt"] == make_prompt("Simplify $\\sqrt{12}$.")  # QeRL's system prompt + the problem
+        assert dataset[0]["solution"] == "2\\sqrt{3}"
+        assert dataset[1]["solution"] == "\\frac{3}{4}"  # stripped
+        assert dataset[1]["question"] == "What is 1/2 + 1/4?"
+
+    def test_local_jsonl_folder(self, tmp_path):
+        write_jsonl(tmp_path / "train.jsonl", BIGMATH_ROWS)
+        self._check(load_bigmath("train", dataset_path=str(tmp_path)))
+
+    def test_local_parquet_in_the_hub_layout(self, tmp_path):
+        Dataset.from_list(BIGMATH_ROWS).to_parquet(str(tmp_path / "train-00000-of-00001.parquet"))
+        self._check(load_bigmath("train", dataset_path=str(tmp_path)))
+
+    def test_limit_seed_and_no_length_filter(self, tmp_path):
+        path = write_jsonl(tmp_path / "rows.jsonl", BIGMATH_ROWS)
+        assert len(load_bigmath(dataset_path=path, max_prompt_chars=None)) == 3
+        assert len(load_bigmath(dataset_path=path, limit=1, seed=0)) == 1
+
+    def test_missing_column_is_named(self, tmp_path):
+        path = write_jsonl(tmp_path / "train.jsonl", [{"problem": "Q", "solution": "1"}])  # the unprocessed name
+        with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt'\] \(found: \['problem', 'solution'\]\)"):
+            load_bigmath(dataset_path=path)
+
+    def test_missing_split_file(self, tmp_path):
+        write_jsonl(tmp_path / "test.jsonl", BIGMATH_ROWS)
+        with pytest.raises(FileNotFoundError, match="No train.jsonl / train.parquet / train-\\*.parquet"):
+            load_bigmath("train", dataset_path=str(tmp_path))
+
+    def test_no_usable_rows(self, tmp_path):
+        path = write_jsonl(tmp_path / "train.jsonl", BIGMATH_ROWS[2:])
+        with pytest.raises(ValueError, match="no usable Big-Math rows"):
+            load_bigmath(dataset_path=path)
+
+    def test_offline_error_suggests_dataset_path(self):
+        assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest.py
+        with pytest.raises(ConnectionError, match="Big-Math-RL-Verified-Processed.*--dataset_path"):
+            load_bigmath("train")

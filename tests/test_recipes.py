@@ -30,11 +30,19 @@ COMMAND = re.compile(r"accelerate launch --config_file (\S+) (recipes/\S+\.py) -
 
 # Not a paper row: BF16 LoRA + AQN (QeRL issue #11's ablation), paper scale only (Qwen2.5-3B/7B YAMLs).
 ABLATION_RECIPES = ["gsm8k_bf16_aqn"]
+# QeRL with DAPO (loss `dapo`, clip 0.2 / 0.28, truncated completions masked, soft overlong punishment): on GSM8K, and
+# Table 2's BigMath row "NVFP4 | +AQN" (Qwen2.5-7B-Instruct).
+DAPO_RECIPES = ["gsm8k_nvfp4_aqn_dapo"]
+BIGMATH_RECIPES = ["bigmath_nvfp4_aqn_dapo"]
 
 
 def test_every_table1_row_has_a_recipe():
     gsm8k = [os.path.splitext(os.path.basename(p))[0] for p in RECIPES if os.path.basename(p).startswith("gsm8k_")]
-    assert gsm8k == sorted(TABLE1_RECIPES + ABLATION_RECIPES)  # recipes/testbed_grpo.py: tests/test_testbed.py
+    assert gsm8k == sorted(TABLE1_RECIPES + ABLATION_RECIPES + DAPO_RECIPES)
+    others = [
+        os.path.splitext(os.path.basename(p))[0] for p in RECIPES if not os.path.basename(p).startswith("gsm8k_")
+    ]
+    assert others == sorted(BIGMATH_RECIPES + ["testbed_grpo"])  # testbed_grpo: tests/test_testbed.py
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
@@ -73,6 +81,8 @@ def test_recipe_yaml_matches_its_table1_row(config):
         "gsm8k_nvfp4_lora": ("nvfp4", False, True),
         "gsm8k_nvfp4_aqn": ("nvfp4", True, True),
         "gsm8k_bf16_aqn": ("none", True, True),
+        "gsm8k_nvfp4_aqn_dapo": ("nvfp4", True, True),
+        "bigmath_nvfp4_aqn_dapo": ("nvfp4", True, True),  # Table 2 row "NVFP4 | +AQN"
     }[recipe]
     assert (values["quant_format"], values["aqn"], values["use_peft"]) == expected
     assert values.get("aqn_allow_unquantized", False) == (recipe == "gsm8k_bf16_aqn")
@@ -98,6 +108,12 @@ TABLE4 = {
     "lora_r": 32,
     "aqn_sigma_start": 1e-2,
     "aqn_sigma_end": 5e-4,
+}
+# Table 4's BigMath column where it differs from GSM8K (DAPO on Big-Math, Table 2).
+TABLE4_BIGMATH = {
+    "num_generations": 16,
+    "num_iterations": 1,  # on-policy
+    "max_completion_length": 8192,
 }
 # (recipe, key) -> (value, why): every place a paper-scale YAML departs from Table 4, with its reason.
 TABLE4_DEVIATIONS = {
@@ -131,10 +147,39 @@ def test_paper_scale_config_matches_table4_or_a_listed_deviation(config):
     if training_args.aqn:
         actual["aqn_sigma_start"] = training_args.aqn_sigma_start
         actual["aqn_sigma_end"] = training_args.aqn_sigma_end
+    table4 = {**TABLE4, **TABLE4_BIGMATH} if recipe.startswith("bigmath_") else TABLE4
     for key, value in actual.items():
-        expected = TABLE4_DEVIATIONS.get((recipe, key), (TABLE4[key], "Table 4"))[0]
+        expected = TABLE4_DEVIATIONS.get((recipe, key), (table4[key], "Table 4"))[0]
         assert value == pytest.approx(expected) if isinstance(expected, float) else value == expected, (key, value)
     assert model_args.model_name_or_path.startswith("Qwen/Qwen2.5-") and "Instruct" in model_args.model_name_or_path
+
+
+DAPO_YAMLS = sorted(p for p in TABLE1_YAMLS if os.path.basename(p)[:-5] in DAPO_RECIPES + BIGMATH_RECIPES)
+
+
+@pytest.mark.parametrize("config", DAPO_YAMLS, ids=lambda p: p.split("recipes/")[1])
+def test_dapo_recipes_use_dapo(config):
+    """DAPO (arXiv 2503.14476) as QeRL ran it: token-level loss, clip-higher 0.2 / 0.28 (QeRL Table 4), truncated
+    completions masked (QeRL's scripts), no KL; plus DAPO's soft overlong punishment inside the length limit."""
+    script_args, training_args, model_args = make_parser().parse_args_and_config(
+        args=["--config", config, "--output_dir", "/tmp/unused", "--use_cpu", "true"]
+    )
+    assert training_args.loss_type == "dapo"
+    assert (training_args.epsilon, training_args.epsilon_high) == (0.2, 0.28)
+    assert training_args.mask_truncated_completions is True and training_args.beta == 0.0
+    assert script_args.reward_funcs[-1] == "soft_overlong"
+    assert len(training_args.reward_weights) == len(script_args.reward_funcs)
+    assert training_args.reward_weights[-1] == 1.0  # DAPO's penalty factor
+    assert 0 < script_args.overlong_buffer_length < training_args.max_completion_length
+    assert training_args.aqn and training_args.quant_format == "nvfp4"
+    if os.path.basename(config).startswith("bigmath_"):
+        assert script_args.dataset_format == "bigmath"
+        assert script_args.dataset_name == "open-r1/Big-Math-RL-Verified-Processed"
+        assert script_args.dataset_config == "level_3_4_5"  # paper: levels 3-5 for 7B and 14B
+        assert "math_verify_latex" in script_args.reward_funcs
+        assert not (script_args.eval_at_start or script_args.eval_at_end)  # Table 2's benchmarks are not wired in
+    else:
+        assert script_args.dataset_format == "gsm8k"
 
 
 # TRL's colocated vLLM sets these in the test process (and holds MASTER_PORT): a recipe subprocess must not inherit them.
@@ -163,7 +208,7 @@ def test_no_config_uses_the_paper_setting_and_explains_what_is_missing(tmp_dir):
     assert "make demo" in message
 
 
-@pytest.mark.parametrize("recipe", TABLE1_RECIPES)
+@pytest.mark.parametrize("recipe", TABLE1_RECIPES + DAPO_RECIPES)
 def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_model_dir, tmp_dir):
     config = os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", f"{recipe}.yaml")
     argv = [
@@ -184,6 +229,8 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_model_dir, tmp_di
         "--report_to", "none",
         "--save_strategy", "no",
     ]  # fmt: skip
+    if recipe in DAPO_RECIPES:
+        argv += ["--overlong_buffer_length", "4"]  # the buffer must fit in the 8-token completions
     results = main(*parse_recipe_args(os.path.join(ROOT, "recipes", f"{recipe}.py"), argv))
     for name in ("eval_before.json", "eval_after.json"):
         with open(os.path.join(tmp_dir, name)) as f:
@@ -197,6 +244,43 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_model_dir, tmp_di
         assert copied.read() == original.read()  # the recipe travels with the weights
     if recipe != "gsm8k_bf16_full":
         assert os.path.exists(os.path.join(tmp_dir, "adapter_config.json"))
+
+
+def test_bigmath_recipe_runs_end_to_end_on_a_local_copy(tiny_model_dir, tmp_path):
+    """The Big-Math DAPO recipe on a local file in the Big-Math format (no Hub): 2 steps, adapter saved."""
+    data_dir = tmp_path / "bigmath"
+    data_dir.mkdir()
+    with open(data_dir / "train.jsonl", "w") as f:
+        for a in range(1, 7):
+            row = {"prompt": f"What is {a} + {a}?", "solution": str(2 * a), "source": "t", "domain": [], "x": 0.5}
+            f.write(json.dumps(row) + "\n")
+    output_dir = str(tmp_path / "out")
+    argv = [
+        "--config", os.path.join(ROOT, "recipes", "SmolLM2-135M-Instruct", "bigmath_nvfp4_aqn_dapo.yaml"),
+        "--model_name_or_path", tiny_model_dir,
+        "--dtype", "float32",
+        "--dataset_path", str(data_dir),
+        "--output_dir", output_dir,
+        "--max_steps", "2",
+        "--use_vllm", "false",
+        "--per_device_train_batch_size", "3",
+        "--gradient_accumulation_steps", "1",
+        "--num_generations", "3",
+        "--max_completion_length", "8",
+        "--overlong_buffer_length", "4",
+        "--report_to", "none",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    results = main(*parse_recipe_args(os.path.join(ROOT, "recipes", "bigmath_nvfp4_aqn_dapo.py"), argv))
+    assert results == {}  # no evaluation set for Big-Math here
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        state = json.load(f)
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert len(logged) == 2
+    for entry in logged:  # every reward of the recipe ran (TRL logs each under its function name)
+        for name in ("format_reward", "math_verify_latex_reward", "soft_overlong_punishment_reward"):
+            assert f"rewards/{name}/mean" in entry
+    assert os.path.exists(os.path.join(output_dir, "adapter_config.json"))
 
 
 def test_killed_run_resumes_from_its_last_checkpoint_with_the_same_command(tiny_model_dir, tmp_dir):

@@ -14,6 +14,8 @@ from qerl_repro.rewards import (
     extract_answer,
     format_reward,
     get_reward_funcs,
+    get_soft_overlong_reward,
+    math_verify_latex_reward,
     math_verify_reward,
     numeric_answer_reward,
     shaped_format_reward,
@@ -186,6 +188,86 @@ class TestMathVerifyReward:
         assert math_verify_reward(texts, solution=["no number here", "abc"]) == [None, None]
 
 
+class TestMathVerifyLatexReward:
+    """Big-Math golds are bare LaTeX; math-verify's default parse misreads them (`parse("2\\sqrt{3}")` is 2)."""
+
+    @pytest.mark.parametrize(
+        "text, gold",
+        [
+            ("<answer> 2\\sqrt{3} </answer>", "2\\sqrt{3}"),  # same LaTeX, no box
+            ("<answer> \\boxed{2\\sqrt{3}} </answer>", "2\\sqrt{3}"),  # boxed inside the answer tag
+            ("<answer> \\sqrt{12} </answer>", "2\\sqrt{3}"),  # equal value, different form
+            ("<answer> 2 \\sqrt 3 </answer>", "2\\sqrt{3}"),  # braces omitted
+            ("<answer> \\pi/2 </answer>", "\\frac{\\pi}{2}"),  # unparsable gold without the LaTeX wrap
+            ("<answer> [1, 2) </answer>", "[1,2)"),  # interval
+            ("<answer> \\{4, 3\\} </answer>", "3, 4"),  # a set of answers, any order
+            ("<answer> 0.5 </answer>", "\\frac12"),  # decimal vs fraction
+            ("<answer> $\\frac{1}{2}$ </answer>", "\\frac{1}{2}"),  # inline math inside the tag
+            ("<answer> x = 5 </answer>", "5"),  # an equation for the variable
+            ("<answer> 72 </answer>", "72"),  # GSM8K-style plain number
+            ("<think> 6 * 7 </think> so the result is \\boxed{42}.", "42"),  # no tag: the boxed answer
+        ],
+    )
+    def test_positive(self, text, gold):
+        assert math_verify_latex_reward([conversational(text)], solution=[gold]) == [2.0]
+
+    @pytest.mark.parametrize(
+        "text, gold",
+        [
+            ("<answer> 2 </answer>", "2\\sqrt{3}"),  # math_verify_reward pays this (both parse to 2)
+            ("<answer> 3 </answer>", "3, 4"),  # one of two answers
+            ("<answer> (1, 2) </answer>", "[1,2)"),  # wrong interval end
+            ("<answer> \\boxed{41} </answer>", "42"),  # wrong boxed answer
+            ("<answer> 0.333 </answer>", "\\frac{1}{3}"),  # rounded decimal is not the fraction
+            ("<answer></answer>", "42"),  # empty answer
+            ("<think> 40 + 2 = 42 </think> so 42.", "42"),  # no tag, no box: a bare number is not extracted
+        ],
+    )
+    def test_negative(self, text, gold):
+        assert math_verify_latex_reward([conversational(text)], solution=[gold]) == [0.0]
+
+    def test_the_default_parse_would_pay_a_wrong_answer(self):
+        # Why this reward exists: the plain math-verify reward scores the bare "2" as 2\sqrt{3}.
+        assert math_verify_reward([conversational("<answer> 2 </answer>")], solution=["2\\sqrt{3}"]) == [2.0]
+
+    def test_unparsable_gold_gives_none(self):
+        assert math_verify_latex_reward([GOOD], solution=["\\text{}"]) == [None]
+
+
+class TestSoftOverlongReward:
+    """DAPO Eq. 13 through TRL's reward: L = 100 tokens, buffer B = 20 (penalty from L - B = 80 tokens on)."""
+
+    @pytest.mark.parametrize(
+        "length, expected",
+        [
+            (1, 0.0),  # short
+            (80, 0.0),  # L - B: last length without penalty
+            (81, -0.05),  # first token in the buffer: (80 - 81) / 20
+            (90, -0.5),  # middle of the buffer
+            (99, -0.95),
+            (100, -1.0),  # L: the full penalty
+            (101, -1.0),  # beyond L (cannot be generated; TRL's rule)
+        ],
+    )
+    def test_values(self, length, expected):
+        reward = get_soft_overlong_reward(max_completion_length=100, buffer_length=20)
+        assert reward(completion_ids=[[7] * length]) == [pytest.approx(expected)]
+
+    def test_registry_builds_it_from_the_run_settings(self):
+        (reward,) = get_reward_funcs(["soft_overlong"], max_completion_length=10, overlong_buffer_length=4)
+        assert reward.__name__ == "soft_overlong_punishment_reward"  # the name TRL logs it under
+        assert reward(completion_ids=[[1] * 6, [1] * 8, [1] * 10]) == [0.0, -0.5, -1.0]
+
+    @pytest.mark.parametrize("buffer_length", [0, 11, -3])
+    def test_buffer_out_of_range(self, buffer_length):
+        with pytest.raises(ValueError, match="overlong_buffer_length"):
+            get_soft_overlong_reward(max_completion_length=10, buffer_length=buffer_length)
+
+    def test_registry_needs_the_settings(self):
+        with pytest.raises(ValueError, match="overlong_buffer_length"):
+            get_reward_funcs(["format", "soft_overlong"])
+
+
 class TestShapedFormatReward:
     @pytest.mark.parametrize(
         "text, expected",
@@ -287,6 +369,7 @@ class TestGetRewardFuncs:
             ("answer", "answer_reward"),  # QeRL
             ("numeric_answer", "numeric_answer_reward"),
             ("math_verify", "math_verify_reward"),
+            ("math_verify_latex", "math_verify_latex_reward"),  # Big-Math
             ("shaped_format", "shaped_format_reward"),  # CPU demo
             ("strict_numeric_format", "strict_numeric_format_reward"),  # CPU demo
             ("answer_starts_with_number", "answer_starts_with_number_reward"),  # CPU demo
@@ -298,7 +381,7 @@ class TestGetRewardFuncs:
         assert getattr(rewards, function_name) is func
 
     def test_registry_is_complete(self):
-        assert len(REWARD_FUNCS) == 8
+        assert len(REWARD_FUNCS) == 9
 
     def test_qerl_default(self):
         assert [f.__name__ for f in get_reward_funcs(QERL_REWARD_FUNCS)] == ["format_reward", "answer_reward"]

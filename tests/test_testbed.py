@@ -124,6 +124,8 @@ class TestRecipes:
         "testbed_bf16_aqn": ("none", True, True),  # not a paper row: QeRL issue #11's ablation
         "testbed_nvfp4_rin_targeted": ("nvfp4", True, True),  # not paper rows: the seeds' RIN (table1.EXTRA_ROWS)
         "testbed_nvfp4_rin_variable": ("nvfp4", True, True),
+        "testbed_nvfp4_w4a4": ("nvfp4", False, True),  # not a paper row: W4A4 (quant_activations)
+        "testbed_nvfp4_aqn_dapo": ("nvfp4", True, True),  # QeRL with TRL's dapo loss
     }
 
     def test_one_yaml_per_table1_row(self):
@@ -146,6 +148,8 @@ class TestRecipes:
         assert training_args.max_completion_length >= len(str(2 * (10**testbed.DIGITS - 1))) + 1  # answer + EOS
         assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 128
         assert model_args.model_name_or_path == "data/testbed/adder3"
+        assert training_args.quant_activations == (arm == "testbed_nvfp4_w4a4")
+        assert training_args.loss_type == ("dapo" if arm == "testbed_nvfp4_aqn_dapo" else "bnpo")
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from qerl_repro.quantization.formats import (
     quantize_mxfp4,
     quantize_nvfp4,
 )
+from qerl_repro.quantization.ste import fake_quantize_activation_ste
 
 
 __all__ = [
@@ -170,7 +171,13 @@ class FP4Linear(nn.Linear):
         fmt: "nvfp4" or "mxfp4".
         dtype: the dtype of the original weight (the default dtype of `dequantize_weight`) and of the bias.
         device: where the buffers live.
-        mxfp4_scale_mode: MXFP4 only, recorded for reference (the scales are already in `weight_scale`).
+        mxfp4_scale_mode: MXFP4 only, recorded for reference (the scales are already in `weight_scale`); also the
+            scale mode of the activations when `quantize_activations` is on.
+
+    W4A4: with `quantize_activations = True` (set by `qerl_repro.w4a4.set_activation_quant_`) the forward also
+    fake-quantizes its input to `fmt` with a straight-through estimator, `F.linear(Q(x), W_hat, b)` with
+    `d Q(x) / dx = I` (`ste.fake_quantize_activation`: one token at a time, NVFP4 with a per-token FP32 scale). Off by
+    default.
     """
 
     def __init__(
@@ -196,6 +203,7 @@ class FP4Linear(nn.Linear):
         self.weight_dtype = dtype
         self.mxfp4_scale_mode = (mxfp4_scale_mode or DEFAULT_MXFP4_SCALE_MODE) if fmt == "mxfp4" else None
         self.layer_name = "FP4Linear"  # set to the module path by quantize_model_ (error messages)
+        self.quantize_activations = False  # W4A4 (qerl_repro.w4a4)
         scale_dtype = torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8
         self.register_buffer(
             "weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
@@ -314,6 +322,9 @@ class FP4Linear(nn.Linear):
     # -- module behaviour -----------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_activations:
+            mode = self.mxfp4_scale_mode or DEFAULT_MXFP4_SCALE_MODE
+            x = fake_quantize_activation_ste(x, self.fmt, mxfp4_scale_mode=mode, name=f"{self.layer_name} input")
         return _FP4LinearFunction.apply(x, self.bias, self)
 
     def reset_parameters(self) -> None:
@@ -335,6 +346,7 @@ class FP4Linear(nn.Linear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fmt={self.fmt}, dtype={self.weight_dtype}{mode}"
+            + (", quantize_activations=True" if self.quantize_activations else "")
         )
 
 

@@ -195,3 +195,56 @@ def apply_fake_quant_(
         )
         setattr(parent, child_name, new)
     return [name for name, _ in targets]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# W4A4 activations of the packed base layers (`FP4Linear.quantize_activations`, `qerl_repro.w4a4`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, fmt: str, *, mxfp4_scale_mode: str = DEFAULT_MXFP4_SCALE_MODE, name: str = "activation"
+) -> torch.Tensor:
+    """Fake-quantize an activation [..., in_features] to `fmt` one token (row) at a time: the result for a token does
+    not depend on the other tokens of the batch.
+
+    MXFP4 has only block scales, so this is `fake_quantize`. NVFP4 gets a per-token FP32 scale `amax(token) / 2688`
+    instead of one dynamic per-tensor scale: each row equals `fake_quantize(row, "nvfp4")`. A per-tensor amax over the
+    whole input would make a token's logprob depend on its batch neighbours and on padding positions, and the
+    trainer (padded micro-batches) and the rollout engine (its own token scheduling) batch differently; real W4A4
+    NVFP4 kernels use a static, calibrated per-layer input scale, which is batch-invariant too.
+    """
+    from .formats import E2M1_MAX, E4M3_MAX, E4M3_MIN_NORMAL, _e2m1_round_f32, nvfp4_per_tensor_scale, validate_for_fp4
+
+    if fmt != "nvfp4":
+        return fake_quantize(x, fmt, mxfp4_scale_mode=mxfp4_scale_mode, name=name)
+    validate_for_fp4(x, fmt, name)
+    x32 = x.detach().to(torch.float32)
+    blocks = x32.reshape(*x32.shape[:-1], x32.shape[-1] // BLOCK_SIZE["nvfp4"], BLOCK_SIZE["nvfp4"])
+    pts = nvfp4_per_tensor_scale(x32.abs().amax(dim=-1, keepdim=True))  # [..., 1]: one FP32 scale per token
+    pts = torch.where(pts == 0, torch.ones_like(pts), pts)  # an all-zero token: any scale gives exact zeros
+    # QeRL (Eq. 6) with a per-token FP32 scale: the same fp32 steps as `fake_quantize(row, "nvfp4")` for each row.
+    block_scale = ((blocks.abs().amax(dim=-1) / E2M1_MAX) / pts).clamp(min=E4M3_MIN_NORMAL, max=E4M3_MAX)
+    block_scale = block_scale.to(torch.float8_e4m3fn).to(torch.float32)
+    scaled = blocks * ((1.0 / pts) / block_scale).unsqueeze(-1)
+    out = _e2m1_round_f32(scaled) * (pts * block_scale).unsqueeze(-1)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+class ActivationQuantizeSTE(torch.autograd.Function):
+    """`fake_quantize_activation` in the forward pass, identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, mxfp4_scale_mode, name):
+        return fake_quantize_activation(x, fmt, mxfp4_scale_mode=mxfp4_scale_mode, name=name)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None
+
+
+def fake_quantize_activation_ste(
+    x: torch.Tensor, fmt: str, *, mxfp4_scale_mode: str = DEFAULT_MXFP4_SCALE_MODE, name: str = "activation"
+) -> torch.Tensor:
+    """`fake_quantize_activation` with a straight-through gradient (`d out / d x = I`)."""
+    return ActivationQuantizeSTE.apply(x, fmt, mxfp4_scale_mode, name)

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CompletionSet",
+    "aqn_entropy_draws",
     "completion_entropy",
     "difference_in_words",
     "draws_vs_reference",
@@ -448,6 +449,41 @@ def completion_entropy(
     )
 
 
+def aqn_entropy_draws(
+    model,
+    completion_set: CompletionSet,
+    sigma: float,
+    *,
+    seed: int,
+    steps: Sequence[int],
+    pad_id: int,
+    batch_size: int = 512,
+    temperature: float = 1.0,
+) -> tuple[list[list[float]], int]:
+    """Per noise draw, `completion_entropy` of `model` with AQN's noise on its RMSNorm weights, and how many norms
+    were noised per draw.
+
+    Draw `i` is the noise the trainer gives the rollout engine at optimizer step `steps[i]` of a run seeded `seed`:
+    `qerl_repro.noise.aqn_noised(find_norm_weights(model), sigma, seed=seed, step=steps[i])` (the same targets,
+    `apply_aqn_` and generator as the trainer; `w = clean + z`, z ~ N(0, sigma^2) drawn in fp32, rounded once to the
+    weight's dtype). The clean weights are restored bit-exactly after every draw, also on error."""
+    from qerl_repro.noise import aqn_noised, find_norm_weights, require_norm_targets
+
+    targets = require_norm_targets(find_norm_weights(model), "the model to noise")
+    draws, noised = [], set()
+    for step in steps:
+        with aqn_noised(targets, sigma, seed=seed, step=step) as num_noised:
+            draws.append(
+                completion_entropy(
+                    model, completion_set, pad_id=pad_id, batch_size=batch_size, temperature=temperature
+                )
+            )
+        noised.add(num_noised)
+    if len(noised) != 1:
+        raise RuntimeError(f"AQN noised a different number of norms across draws: {sorted(noised)}")
+    return draws, noised.pop()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The measurement
 # ----------------------------------------------------------------------------------------------------------------------
@@ -517,7 +553,7 @@ def measure(
     """The whole experiment (see the module docstring); returns the results dict that `measure` writes as JSON."""
     from qerl_repro.evaluation import _git_info
     from qerl_repro.loading import load_policy, resolve_dtype
-    from qerl_repro.noise import aqn_noised, find_norm_weights, require_norm_targets
+    from qerl_repro.noise import find_norm_weights, require_norm_targets
     from qerl_repro.testbed import MAX_NEW_TOKENS, _versions, build_tokenizer, load_split
 
     _check_model_dir(model_dir)
@@ -580,9 +616,9 @@ def measure(
             "bases": rows,
         }
 
-    # AQN on the chosen base, teacher-forced on the BF16 samples.
+    # AQN on the chosen base, teacher-forced on the BF16 samples (fails here if the base has no RMSNorm to noise).
     model = models[aqn_base]
-    targets = require_norm_targets(find_norm_weights(model), f"the {aqn_base} base")
+    require_norm_targets(find_norm_weights(model), f"the {aqn_base} base")
     sigma_rows = aqn_sigmas(aqn_total_steps, aqn_sigma_start, aqn_sigma_end, aqn_num_stages, aqn_schedule)
     clean = per_prompt["bf16_samples"][aqn_base]
     bf16 = per_prompt["bf16_samples"]["none"]
@@ -594,18 +630,16 @@ def measure(
             entry = {"sigma": 0.0, "level": mean_interval(clean), "num_noised_modules": 0}
             entry["vs_bf16"] = paired_vs_reference(bf16, clean, "BF16", f"{BASE_NAMES[aqn_base]} + AQN sigma 0")
         else:
-            draws, noised = [], set()
-            for d in range(num_draws):
-                step = row["first_step"] + d
-                with aqn_noised(targets, sigma, seed=aqn_seed, step=step) as num_noised:
-                    draws.append(completion_entropy(model, sets["bf16_samples"], pad_id=pad, batch_size=batch_size))
-                noised.add(num_noised)
+            steps = [row["first_step"] + d for d in range(num_draws)]
+            draws, num_noised = aqn_entropy_draws(
+                model, sets["bf16_samples"], sigma, seed=aqn_seed, steps=steps, pad_id=pad, batch_size=batch_size
+            )
             name = f"{BASE_NAMES[aqn_base]} + AQN sigma {sigma:.3g}"
             common = dict(num_resamples=num_resamples)
             entry = {
                 "sigma": sigma,
-                "num_noised_modules": max(noised),
-                "noise_steps": [row["first_step"] + d for d in range(num_draws)],
+                "num_noised_modules": num_noised,
+                "noise_steps": steps,
                 "level": draws_vs_reference(None, draws, "", name, **common),
                 "vs_bf16": draws_vs_reference(bf16, draws, "BF16", name, **common),
                 f"vs_{aqn_base}": draws_vs_reference(

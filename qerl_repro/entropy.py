@@ -298,17 +298,26 @@ def grid_entropy_table(summary: Mapping[str, dict]) -> str:
             return f"{s['mean']:.4f}"
         return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}]"
 
+    reference = next((s["vs_reference"]["reference"] for s in summary.values() if "vs_reference" in s), None)
     lines = [
-        f"| arm | seeds | entropy, first {first} steps | all steps | last {first} steps |",
-        "|---|---|---|---|---|",
+        f"| arm | seeds | entropy, first {first} steps | all steps | last {first} steps |"
+        + (f" all steps minus {reference} [95 % CI], p |" if reference else ""),
+        "|---|---|---|---|---|" + ("---|" if reference else ""),
     ]
     for row, s in summary.items():
         seeds = ", ".join(str(x) for x in s["seeds"])
-        lines.append(f"| {row} | {seeds} | {cell(s['first'])} | {cell(s['all'])} | {cell(s['last'])} |")
+        line = f"| {row} | {seeds} | {cell(s['first'])} | {cell(s['all'])} | {cell(s['last'])} |"
+        if reference:
+            d = s.get("vs_reference", {}).get("all")
+            line += (
+                f" {d['difference']:+.4f} {_ci_text(d['ci'], signed=True)}, p {d['p_value']:.2g} |" if d else " - |"
+            )
+        lines.append(line)
     lines.append("")
     lines.append(
         "TRL's logged `entropy` (nats per completion token, training model). Mean over seeds ± std [Student-t 95 % "
         "interval over seeds]; a single number is one seed (no interval)."
+        + (f" Minus {reference}: Welch's t across seeds (arms with >= 2 seeds)." if reference else "")
     )
     return "\n".join(lines) + "\n"
 
@@ -565,6 +574,7 @@ def measure(
     if num_draws < 2:
         raise UserError(f"--num_draws {num_draws}: at least 2 noise draws are needed for a draw-to-draw spread")
     torch_dtype = resolve_dtype(dtype)
+    git = _git_info()  # the code that runs (taken before the minutes of measuring)
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     pad = tokenizer.pad_token_id
@@ -684,7 +694,7 @@ def measure(
             "num_resamples": num_resamples,
         },
         "command": " ".join([os.path.basename(sys.executable), "-m", "qerl_repro.entropy", *sys.argv[1:]]),
-        **_git_info(),
+        **git,
         "versions": _versions(),
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),

@@ -19,6 +19,7 @@ from qerl_repro.entropy import (
     completion_entropy,
     difference_in_words,
     draws_vs_reference,
+    grid_entropy_table,
     main,
     masked_entropy_sums,
     measure,
@@ -232,6 +233,9 @@ def test_summarize_grid_entropy_literal_runs():
     assert out["nvfp4_lora"]["vs_reference"]["all"]["difference"] == pytest.approx(5.0 - 3.5)
     one = out["nvfp4_aqn"]
     assert one["num_seeds"] == 1 and one["all"]["ci"] is None and "vs_reference" not in one
+    table = grid_entropy_table(out)
+    assert "| nvfp4_aqn | 42 | 1.0000 | 2.0000 | 3.0000 | - |" in table
+    assert "| nvfp4_lora | 42, 43 | 3.0000 ± 1.4142" in table and "| +1.5000 [" in table
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from qerl_repro.entropy import (
     difference_in_words,
     draws_vs_reference,
     grid_entropy_table,
+    load_grid_runs,
     main,
     masked_entropy_sums,
     measure,
@@ -236,6 +237,22 @@ def test_summarize_grid_entropy_literal_runs():
     table = grid_entropy_table(out)
     assert "| nvfp4_aqn | 42 | 1.0000 | 2.0000 | 3.0000 | - |" in table
     assert "| nvfp4_lora | 42, 43 | 3.0000 ± 1.4142" in table and "| +1.5000 [" in table
+
+
+def test_load_grid_runs_skips_half_written_and_foreign_files(tmp_path):
+    from qerl_repro.table1 import SCHEMA as RUN_SCHEMA
+
+    for seed in (43, 42):
+        run = {**_run("nvfp4_lora", seed, [0.5, 0.4]), "schema": RUN_SCHEMA}
+        (tmp_path / f"nvfp4_lora-seed{seed}.json").write_text(json.dumps(run))
+    (tmp_path / "bf16_lora-seed44.json").write_text(
+        '{"schema": "qerl_repro.table1.run/v1", "row": "bf16_l'
+    )  # the grid is writing it
+    (tmp_path / "entropy.json").write_text(json.dumps({"schema": "qerl_repro.entropy/v1"}))  # not a grid run
+    rows = load_grid_runs(str(tmp_path))
+    assert list(rows) == ["nvfp4_lora"]
+    assert [r["seed"] for r in rows["nvfp4_lora"]] == [42, 43]
+    assert rows["nvfp4_lora"][0]["_file"] == "nvfp4_lora-seed42.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

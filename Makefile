@@ -1,5 +1,5 @@
 # qerl_repro: every target is declared in .PHONY; `make install` is idempotent (stamp keyed on the requirements files).
-.PHONY: install style quality test slow_test demo demo-gsm8k demo-eval evaluate reproduce-table1 bench quant-report model clean-venv testbed testbed-eval testbed-pilot
+.PHONY: install style quality test slow_test demo demo-gsm8k demo-eval evaluate reproduce-table1 bench quant-report model clean-venv testbed testbed-eval testbed-pilot testbed-entropy
 
 check_dirs := qerl_repro recipes tests
 PYTHON ?= python3
@@ -120,6 +120,14 @@ testbed-eval: testbed
 			--output $(TESTBED_RESULTS)/base_$$fmt.json || exit 1; \
 	done
 	$(PY) -m qerl_repro.testbed summary --results_dir $(TESTBED_RESULTS)
+
+# Token entropy of the bases (BF16, NF4, MXFP4, NVFP4) and of NVFP4 + AQN across its sigma schedule, without training
+# (qerl_repro.entropy): JSON, markdown and figure in TESTBED_RESULTS; then TRL's logged entropy per arm of the CPU grid.
+TABLE1_CPU_RESULTS ?= results/table1_cpu/adder3
+testbed-entropy: testbed
+	$(CPU_ENV) OMP_NUM_THREADS=1 $(PY) -m qerl_repro.entropy measure --model $(TESTBED_DIR) \
+		--output $(TESTBED_RESULTS)/entropy.json $(ARGS)
+	$(if $(wildcard $(TABLE1_CPU_RESULTS)/*.json),$(PY) -m qerl_repro.entropy grid --grid_dir $(TABLE1_CPU_RESULTS),)
 
 # Two-arm GRPO pilot from the organism (one seed each, one after the other), then test accuracy before/after.
 TESTBED_PILOT_ARMS ?= testbed_nvfp4_lora testbed_nvfp4_aqn

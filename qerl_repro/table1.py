@@ -751,6 +751,17 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
             )
         if not any_comparison:
             lines.append("| – | – | no pair of arms run yet | – | – | – |")
+        from qerl_repro.entropy import grid_entropy_table, summarize_grid_entropy
+
+        entropy = summarize_grid_entropy({row: rows[row] for row in ALL_ROWS if row in rows and ALL_ROWS[row].trained})
+        if entropy:
+            lines += ["", "### Rollout entropy per arm", "", grid_entropy_table(entropy)]
+            if scale == "cpu":
+                lines += [
+                    "",
+                    "The bases' entropy without training (BF16, NF4, MXFP4, NVFP4, and NVFP4 + AQN across its sigma "
+                    "schedule, with intervals): `results/testbed/entropy.md` (`make testbed-entropy`).",
+                ]
         lines += [
             "",
             "### Runs",
@@ -1035,8 +1046,8 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument(
         "--readme",
         default="README.md",
-        help="README (relative to the current folder) whose generated block for this scale is rewritten; skipped when "
-        "it does not exist or has no such block; '' to skip",
+        help="README (relative to the current folder) whose generated block for this scale is rewritten when the results "
+        "are its results/table1_<scale>; skipped when it does not exist or has no such block; '' to skip",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
@@ -1062,7 +1073,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         output = args.output or f"results/table1_{args.scale}.md"
         sys.stdout.write(write_report(results_dir, output, args.scale) + "\n")
-        if args.readme and update_readme(args.readme, readme_section(results_dir, args.scale), args.scale):
+        # The README's block describes the committed grid only: another results folder (a smoke test) never rewrites it
+        canonical = os.path.join(
+            os.path.dirname(os.path.abspath(args.readme or ".")), "results", f"table1_{args.scale}"
+        )
+        if (
+            args.readme
+            and os.path.abspath(results_dir) == canonical
+            and update_readme(args.readme, readme_section(results_dir, args.scale), args.scale)
+        ):
             sys.stdout.write(f"{args.readme}: results section regenerated\n")
 
 

@@ -241,8 +241,12 @@ def test_smoke_run_skip_on_rerun_and_report(tiny_organism, tmp_dir):
 
     output = os.path.join(tmp_dir, "results", "table1_cpu.md")
     report = [sys.executable, "-m", "qerl_repro.table1", "report", "--scale", "cpu", "--results_dir", results]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme_before = f.read()
     proc = subprocess.run([*report, "--output", output], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(ROOT, "README.md")) as f:  # the README block is the committed grid's, not a smoke run's
+        assert f.read() == readme_before
     with open(output) as f:
         text = f.read()
     assert "make reproduce-table1 SCALE=cpu SEEDS=1 ROWS=bf16_lora,nvfp4_aqn" in text

@@ -578,11 +578,12 @@ class TestVLLMEngine:
             noise.set_step(SIGMA_START, seed=0, step=101)
             assert not _same(_greedy(trainer), noisy)  # next step: redrawn
             assert not _same(noisy, clean)  # the noise changes the rollout
-            with trainer.clean_rollout_engine():  # evaluation rollouts: no noise
-                assert _same(_greedy(trainer), clean)
-            assert noise.enabled
             noise.set_step(0.0, seed=0, step=0)  # the warm-up stage
             assert _same(_greedy(trainer), clean)
+            noise.set_step(SIGMA_START, seed=0, step=100)
+            with trainer.clean_rollout_engine():  # evaluation rollouts: no noise (and no hardware error)
+                assert _same(_greedy(trainer), clean)
+        assert noise.enabled and trainer._engine_hw_error.enabled  # back on after the evaluation
 
     def test_hw_error_changes_rollouts_seeded_and_off_in_eval(self, vllm_run):
         trainer = vllm_run
@@ -599,6 +600,7 @@ class TestVLLMEngine:
             assert not _same(noisy, clean)
             with trainer.clean_rollout_engine():
                 assert _same(_greedy(trainer), clean)
+        assert hw.enabled and trainer._activation_noise.enabled
 
     def test_hw_error_relative_magnitude_in_the_engine(self, vllm_run):
         trainer = vllm_run

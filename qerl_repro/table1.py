@@ -72,6 +72,26 @@ ROWS: dict[str, Row] = {
         Row("bf16_aqn", "BF16", "LoRA + AQN (QeRL #11 ablation)", "none"),
     )
 }
+# Extra CPU-testbed rows (issue 11 parts 3-4: AQN variants and the hardware-error simulation of the seed studies). Run
+# only when named (`--rows`, `make reproduce-table1 SCALE=cpu ROWS=...`), never by the default grid, and not part of the
+# report's Table 1. Recipes: recipes/testbed/testbed_<row>.yaml.
+EXTRA_ROWS: dict[str, Row] = {
+    row.key: row
+    for row in (
+        Row("nvfp4_aqn_act", "NVFP4", "LoRA + AQN (activation variant)", "nvfp4"),
+        Row("nvfp4_aqn_linear", "NVFP4", "LoRA + AQN (linear decay)", "nvfp4"),
+        Row("nvfp4_aqn_cosine", "NVFP4", "LoRA + AQN (cosine decay)", "nvfp4"),
+        Row("bf16_hw_error", "BF16", "LoRA, 5 % hardware error", "none"),
+        Row("bf16_hw_error_aqn", "BF16", "LoRA + AQN, 5 % hardware error", "none"),
+    )
+}
+
+
+def row_spec(row: str) -> Row:
+    """The `Row` of a grid row or an extra row."""
+    return ROWS[row] if row in ROWS else EXTRA_ROWS[row]
+
+
 # The paired comparisons of the report: (reference A, arm B); B - A is reported.
 COMPARISONS = [("bf16_lora", key) for key in ROWS if ROWS[key].trained and key != "bf16_lora"] + [
     ("nvfp4_lora", "nvfp4_aqn")
@@ -133,7 +153,7 @@ def build_command(
     local GSM8K folder (paper scale); `extra`: more flags for the training recipes."""
     extra = list(extra or [])
     settings = _eval_settings(scale, model)
-    if ROWS[row].trained:
+    if row_spec(row).trained:
         accelerate = accelerate_config(scale, model, row)
         script = "recipes/testbed_grpo.py" if scale == "cpu" else f"recipes/gsm8k_{row}.py"
         command = ["accelerate", "launch", "--config_file", accelerate, script]
@@ -151,12 +171,12 @@ def build_command(
     base = model_dir or settings["model_name_or_path"]
     if scale == "cpu":
         command = ["python", "-m", "qerl_repro.testbed", "evaluate", "--model", base]
-        command += ["--quant_format", ROWS[row].base_format, "--output", output, "--no_hf_check"]
+        command += ["--quant_format", row_spec(row).base_format, "--output", output, "--no_hf_check"]
         command += ["--num_samples", str(settings["num_samples"]), "--temperature", str(settings["temperature"])]
         if eval_limit is not None:
             command += ["--limit", str(eval_limit)]
         return command
-    command = ["python", "-m", "qerl_repro.evaluation", "--model", base, "--quant_format", ROWS[row].base_format]
+    command = ["python", "-m", "qerl_repro.evaluation", "--model", base, "--quant_format", row_spec(row).base_format]
     command += ["--num_samples", str(settings["num_samples"]), "--temperature", str(settings["temperature"])]
     command += ["--top_p", str(settings["top_p"]), "--max_new_tokens", str(settings["max_new_tokens"])]
     command += ["--output", output]
@@ -262,8 +282,8 @@ def collect(
         "scale": scale,
         "model": model,
         "row": row,
-        "weights": ROWS[row].weights,
-        "training": ROWS[row].training,
+        "weights": row_spec(row).weights,
+        "training": row_spec(row).training,
         "seed": seed,
         "command": shlex.join(command),
         "run_dir": run_dir,
@@ -273,7 +293,7 @@ def collect(
         "wall_seconds": round(wall_seconds, 1),
     }
     metrics: dict = {}
-    if ROWS[row].trained:
+    if row_spec(row).trained:
         with open(os.path.join(ROOT, run_dir, "recipe.yaml")) as f:
             values = yaml.safe_load(f)
         # the recipe YAML as run, and the flags of the command that override it
@@ -304,7 +324,7 @@ def collect(
     else:
         with open(os.path.join(ROOT, run_dir, "eval.json")) as f:
             evaluation = json.load(f)
-        result["config"] = {"base_format": ROWS[row].base_format, "eval_config": evaluation.get("config", {})}
+        result["config"] = {"base_format": row_spec(row).base_format, "eval_config": evaluation.get("config", {})}
         result["config"]["eval_config"].pop("versions", None)
         metrics["test_after"], per_question = test_metrics(evaluation)
         result["per_question"] = {
@@ -340,14 +360,16 @@ def _write_json(data: dict, path: str) -> None:
 def plan(rows: list[str], seeds: int) -> list[tuple[str, int | None]]:
     """(row, seed) in the order they run: untrained bases once (seed None), then seed 42 of every training row, then
     seed 43 of every row, ...: a grid stopped part-way leaves every arm at the same number of seeds (give or take one)."""
-    unknown = [row for row in rows if row not in ROWS]
+    unknown = [row for row in rows if row not in ROWS and row not in EXTRA_ROWS]
     if unknown:
-        raise SystemExit(f"error: unknown rows {unknown}; valid rows: {', '.join(ROWS)}")
+        raise SystemExit(
+            f"error: unknown rows {unknown}; valid rows: {', '.join(ROWS)}; extra rows: {', '.join(EXTRA_ROWS)}"
+        )
     if seeds < 1:
         raise SystemExit(f"error: --seeds {seeds} must be >= 1")
-    jobs = [(row, None) for row in rows if not ROWS[row].trained]
+    jobs = [(row, None) for row in rows if not row_spec(row).trained]
     for i in range(seeds):
-        jobs += [(row, FIRST_SEED + i) for row in rows if ROWS[row].trained]
+        jobs += [(row, FIRST_SEED + i) for row in rows if row_spec(row).trained]
     return jobs
 
 
@@ -789,7 +811,7 @@ def grid_command_of(scale: str, model: str, rows: dict[str, list[dict]]) -> str:
     parts = ["make reproduce-table1", f"SCALE={scale}"]
     if scale != "cpu":
         parts.append(f"MODEL={model}")
-    seeds = max((len(runs) for row, runs in rows.items() if ROWS[row].trained), default=1)
+    seeds = max((len(runs) for row, runs in rows.items() if row_spec(row).trained), default=1)
     parts.append(f"SEEDS={seeds}")
     if set(rows) != set(ROWS):
         parts.append(f"ROWS={','.join(row for row in ROWS if row in rows)}")
@@ -821,7 +843,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--model", default=None, help="gpu: Qwen2.5-3B-Instruct (default) or Qwen2.5-7B-Instruct")
         p.add_argument("--results_dir", default=None, help="default: results/table1_<scale>")
     run = sub.choices["run"]
-    run.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {','.join(ROWS)}")
+    run.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated, of: {','.join(ROWS)}; extra rows (only when named): {','.join(EXTRA_ROWS)}",
+    )
     run.add_argument("--seeds", type=int, default=1, help="training rows run with seeds 42 .. 42 + n - 1")
     run.add_argument("--runs_dir", default=None, help="default: runs/table1_<scale>")
     run.add_argument("--model_dir", default=None, help="override the base model path (e.g. a tiny organism)")

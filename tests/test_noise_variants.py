@@ -640,3 +640,55 @@ class TestVLLMEngine:
             assert (entry["aqn/activation_noised_calls"] > 0) == (sigma > 0)
             assert entry["hw_error/rollout_layers"] == 8 and entry["hw_error/rollout_noised_calls"] > 0
             assert entry["hw_error/train_layers"] == 14 and entry["hw_error/train_noised_calls"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The extra testbed rows (qerl_repro.table1.EXTRA_ROWS)
+# ---------------------------------------------------------------------------------------------------------------------
+
+EXTRA_ROW_KEYS = {  # row: the recipe keys that make it what it is (over its base recipe)
+    "nvfp4_aqn_act": ("testbed_nvfp4_aqn", {"aqn_variant": "activation"}),
+    "nvfp4_aqn_linear": ("testbed_nvfp4_aqn", {"aqn_decay": "linear"}),
+    "nvfp4_aqn_cosine": ("testbed_nvfp4_aqn", {"aqn_decay": "cosine"}),
+    "bf16_hw_error": ("testbed_bf16_lora", {"hw_error": 0.05, "hw_error_where": "both"}),
+    "bf16_hw_error_aqn": ("testbed_bf16_aqn", {"hw_error": 0.05, "hw_error_where": "both"}),
+}
+
+
+class TestExtraRows:
+    def test_not_in_the_default_grid(self):
+        from qerl_repro import table1
+
+        assert set(table1.EXTRA_ROWS) == set(EXTRA_ROW_KEYS)
+        assert not set(table1.EXTRA_ROWS) & set(table1.ROWS)  # `make reproduce-table1` without ROWS= never runs them
+        assert table1.plan(["nvfp4_aqn", "bf16_hw_error"], 1) == [("nvfp4_aqn", 42), ("bf16_hw_error", 42)]
+        with pytest.raises(SystemExit, match="extra rows: nvfp4_aqn_act"):
+            table1.plan(["nvfp4_aqn_noise"], 1)
+
+    @pytest.mark.parametrize("row", sorted(EXTRA_ROW_KEYS))
+    def test_recipe_is_its_base_plus_the_variant_keys(self, row):
+        import os
+
+        import yaml
+
+        from qerl_repro import table1
+        from qerl_repro.grpo import make_parser
+
+        root = table1.ROOT
+        command = table1.build_command("cpu", "adder3", row, 42, "runs/x", max_steps=2)
+        assert command[command.index("--max_steps") + 1] == "2"
+        path = os.path.join(root, command[command.index("--config") + 1])
+        base_name, keys = EXTRA_ROW_KEYS[row]
+        with open(path) as f:
+            values = yaml.safe_load(f)
+        with open(os.path.join(root, "recipes", "testbed", f"{base_name}.yaml")) as f:
+            base = yaml.safe_load(f)
+        differing = {k for k in set(values) | set(base) if values.get(k) != base.get(k)}
+        assert differing == set(keys) | {"hub_model_id", "output_dir"}
+        assert {k: values[k] for k in keys} == keys
+        assert values["quant_format"] == table1.EXTRA_ROWS[row].base_format
+        _, training_args, _ = make_parser().parse_args_and_config(
+            args=["--config", path, "--output_dir", "/tmp/unused"]
+        )
+        for key, value in keys.items():
+            assert getattr(training_args, key) == value

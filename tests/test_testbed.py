@@ -122,6 +122,12 @@ class TestRecipes:
         "testbed_nvfp4_lora": ("nvfp4", False, True),
         "testbed_nvfp4_aqn": ("nvfp4", True, True),
         "testbed_bf16_aqn": ("none", True, True),  # not a paper row: QeRL issue #11's ablation
+        # issue 11's extra rows (qerl_repro.table1.EXTRA_ROWS): AQN variants and the hardware-error simulation
+        "testbed_nvfp4_aqn_act": ("nvfp4", True, True),
+        "testbed_nvfp4_aqn_linear": ("nvfp4", True, True),
+        "testbed_nvfp4_aqn_cosine": ("nvfp4", True, True),
+        "testbed_bf16_hw_error": ("none", False, True),
+        "testbed_bf16_hw_error_aqn": ("none", True, True),
     }
 
     def test_one_yaml_per_table1_row(self):

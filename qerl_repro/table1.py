@@ -9,7 +9,9 @@ python -m qerl_repro.table1 report --scale cpu                             # res
 
 Rows (`ROWS`): the untrained bases (`bf16`, `nf4`, `mxfp4`, `nvfp4`: one evaluation each), then the training rows
 (`bf16_full`, `bf16_lora`, `nf4_qlora`, `mxfp4_lora`, `nvfp4_lora`, `nvfp4_aqn`, and `bf16_aqn`, the BF16 LoRA + AQN
-ablation of QeRL issue #11), each repeated with seeds 42, 43, ... (`--seeds n`). Runs go one at a time. A row/seed is
+ablation of QeRL issue #11), each repeated with seeds 42, 43, ... (`--seeds n`). `EXTRA_ROWS` (CPU testbed: the AQN
+variants `nvfp4_aqn_act`, `nvfp4_aqn_linear`, `nvfp4_aqn_cosine` and the hardware-error rows `bf16_hw_error`,
+`bf16_hw_error_aqn`) run only when named in `--rows` and stay out of the report's table. Runs go one at a time. A row/seed is
 finished when its results JSON exists (`results/table1_<scale>/<model>/<row>-seed<seed>.json`, or `<row>.json` for
 an untrained base) and is then skipped; an unfinished one reruns the same command in the same output folder
 (`runs/table1_<scale>/<model>/...`), where the recipe resumes from its last checkpoint.

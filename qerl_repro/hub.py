@@ -246,7 +246,8 @@ def _aqn_section(training_args, total_steps) -> list[str]:
                 else ""
             )
             + (
-                "the schedule restarts every epoch (`aqn_epoch_aware`)."
+                "the schedule restarts every epoch (`aqn_epoch_aware`: the table below is one schedule over all the "
+                "steps; each epoch runs it over its own steps instead)."
                 if epoch_aware
                 else "one schedule over the run."
             ),

@@ -790,17 +790,34 @@ class QeRLTrainer(GRPOTrainer):
         if self.model.training and "loss" in logs:
             if self.args.aqn:
                 logs.update(self._aqn_last)
-                if self._activation_noise is not None:
-                    logs["aqn/activation_noised_calls"] = self._activation_noise.num_noised_calls
-            if self.args.hw_error > 0:
-                logs["hw_error/eps"] = self.args.hw_error
-                for where, hooks in (("train", self._policy_hw_error), ("rollout", self._engine_hw_error)):
-                    if hooks is not None:
-                        logs[f"hw_error/{where}_layers"] = len(hooks.targets)
-                        logs[f"hw_error/{where}_noised_calls"] = hooks.num_noised_calls
+            self._log_noise_hooks(logs)
             if self.use_vllm:
                 logs.update(self.vllm_generation.last_sync_metrics)
         super().log(logs, start_time)
+
+    def _log_noise_hooks(self, logs: dict[str, float]) -> None:
+        """`aqn/activation_noised_calls` and `hw_error/{eps, policy_layers, policy_noised_calls, engine_layers,
+        engine_noised_calls}` (policy: the trainer's model, i.e. its forwards and HF-generate rollouts; engine: the vLLM
+        rollout engine; calls: perturbed module calls since the step's draw). Raises when hooks that should have
+        perturbed this step never ran (DESIGN.md trap 1: a run that silently has no noise)."""
+        if self._activation_noise is not None:
+            logs["aqn/activation_noised_calls"] = self._activation_noise.num_noised_calls
+        if self.args.hw_error > 0:
+            logs["hw_error/eps"] = self.args.hw_error
+            for where, hooks in (("policy", self._policy_hw_error), ("engine", self._engine_hw_error)):
+                if hooks is not None:
+                    logs[f"hw_error/{where}_layers"] = len(hooks.targets)
+                    logs[f"hw_error/{where}_noised_calls"] = hooks.num_noised_calls
+        silent = [
+            key for key in ("hw_error/policy_noised_calls", "hw_error/engine_noised_calls") if logs.get(key) == 0
+        ]
+        if logs.get("aqn/num_noised_modules", 0) > 0 and logs.get("aqn/activation_noised_calls") == 0:
+            silent.append("aqn/activation_noised_calls")
+        if silent:
+            raise RuntimeError(
+                f"{', '.join(silent)} = 0: noise hooks were set for this step but never ran, so the run would silently "
+                "have no noise. The engine must run eagerly (vllm_enforce_eager) and call its modules (forward hooks)."
+            )
 
     # ---- model card ------------------------------------------------------------------------------------------------
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):

@@ -495,8 +495,8 @@ class TestTrainerHF:
         assert all(records["training"]) == (where in ("train", "both"))
         assert not any(records["training"]) == (where == "rollout")
         for entry in _step_logs(trainer):
-            assert entry["hw_error/eps"] == 0.05 and entry["hw_error/train_layers"] == 14
-            assert entry["hw_error/train_noised_calls"] > 0
+            assert entry["hw_error/eps"] == 0.05 and entry["hw_error/policy_layers"] == 14
+            assert entry["hw_error/policy_noised_calls"] > 0
 
     def test_hw_error_off_by_default_leaves_no_hook(self, tiny_model_dir, tmp_dir):
         model, tokenizer = _load(tiny_model_dir)
@@ -638,8 +638,18 @@ class TestVLLMEngine:
             assert math.isclose(entry["aqn/sigma"], sigma) and entry["aqn/stage"] == aqn_stage(step, 3, 3)
             assert entry["aqn/num_noised_modules"] == (4 if sigma > 0 else 0)
             assert (entry["aqn/activation_noised_calls"] > 0) == (sigma > 0)
-            assert entry["hw_error/rollout_layers"] == 8 and entry["hw_error/rollout_noised_calls"] > 0
-            assert entry["hw_error/train_layers"] == 14 and entry["hw_error/train_noised_calls"] > 0
+            assert entry["hw_error/engine_layers"] == 8 and entry["hw_error/engine_noised_calls"] > 0
+            assert entry["hw_error/policy_layers"] == 14 and entry["hw_error/policy_noised_calls"] > 0
+
+    def test_hooks_that_never_ran_fail_loudly(self, vllm_run):
+        """Trap 1 for hooks: a step whose noise was set but whose hooks never ran (e.g. a compiled engine) raises."""
+        trainer = vllm_run
+        trainer.model.train()
+        for hooks in (trainer._activation_noise, trainer._engine_hw_error):
+            hooks.set_step(0.5, seed=0, step=0)  # a new draw, no forward pass since
+            with pytest.raises(RuntimeError, match="never ran"):
+                trainer.log({"loss": 0.0})
+            hooks.num_noised_calls = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ class QeRLConfig(GRPOConfig):
             `sync/update_lost_frac` metric logged at every step; 0 disables it.
         vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
             Run the colocated vLLM engine eagerly (no torch.compile / CUDA graphs). `None`: eager on vLLM's CPU backend
-            (compiled graphs recompiled as shapes changed and ran slower there), compiled elsewhere.
+            (compiled graphs recompiled as shapes changed and ran slower there), compiled elsewhere. Forced eager when
+            the engine carries noise hooks (`aqn_variant="activation"`, or `hw_error` on the rollout).
         vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
             Overrides TRL's default (`True`): QeRL trained without a vLLM importance-sampling correction, which would
             partly undo the effect of the rollout noise on the gradient.

@@ -702,3 +702,12 @@ class TestExtraRows:
         )
         for key, value in keys.items():
             assert getattr(training_args, key) == value
+
+
+def test_model_card_schedule_uses_the_decay(tmp_dir):
+    from qerl_repro.hub import _aqn_section
+
+    args = tiny_args(QeRLConfig, tmp_dir, quant_format="nvfp4", aqn=True, aqn_decay="cosine", aqn_variant="activation")
+    text = "\n".join(_aqn_section(args, 20))
+    assert "`cosine` decay" in text and "hidden state after each targeted RMSNorm" in text
+    assert "| 2 | 4–5 | 0.00964 |" in text  # the cosine table (exponential: 0.00688)

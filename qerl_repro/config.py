@@ -12,6 +12,9 @@ logger = logging.getLogger(__name__)
 
 QUANT_FORMATS = ("none", "nvfp4", "mxfp4", "nf4")
 AQN_SCHEDULES = ("qerl_code", "paper")
+AQN_DECAYS = ("exponential", "linear", "cosine")
+AQN_VARIANTS = ("weight", "activation")
+HW_ERROR_WHERE = ("train", "rollout", "both")
 ADAPTER_SYNC_MODES = ("auto", "unmerged", "merged")
 
 
@@ -89,6 +92,26 @@ class QeRLConfig(GRPOConfig):
             Variable RIN: lowest multiplier (<= 1); the multipliers still average 1.
         aqn_rin_max (`float` or `None`, *optional*, defaults to `None`):
             Variable RIN: highest multiplier (>= 1); the multipliers still average 1.
+        > Parameters that control AQN variants and the hardware-error simulation (seed studies, issue 11)
+
+        aqn_decay (`str`, *optional*, defaults to `"exponential"`):
+            Curve of sigma through the K stages: `"exponential"` (QeRL), `"linear"` or `"cosine"` (the paper's Fig. 9
+            ablation); same stages, 0 in stage 0, `aqn_sigma_start` in stage 1 (`qerl_repro.noise.aqn_sigma`).
+        aqn_epoch_aware (`bool`, *optional*, defaults to `False`):
+            Run the whole schedule (warm-up stage and decay) once per epoch, over the Trainer's optimizer steps per
+            epoch, instead of once over `max_steps` (the seed studies' epoch-aware schedule;
+            `qerl_repro.noise.aqn_epoch_step`).
+        aqn_variant (`str`, *optional*, defaults to `"weight"`):
+            `"weight"`: QeRL's noise on the rollout engine's RMSNorm weights (one draw per step). `"activation"`: the
+            seed studies' variant, Gaussian noise added to the hidden state after each targeted RMSNorm, fresh for
+            every token and forward pass of the rollouts (`qerl_repro.activation_noise`; needs an eager engine and
+            colocate mode).
+        hw_error (`float`, *optional*, defaults to `0.0`):
+            Relative std `eps` of the simulated hardware error on the decoder blocks' Linear outputs, `y + eps * |y| *
+            z` (e.g. `5e-2`, the seed studies' 5 %); 0 disables it (`qerl_repro.hardware_noise`).
+        hw_error_where (`str`, *optional*, defaults to `"both"`):
+            Where the hardware error acts: `"train"` (the trainer's policy forwards), `"rollout"` (generation) or
+            `"both"`.
 
         > Parameters that control how the rollout engine receives the policy
 
@@ -108,7 +131,8 @@ class QeRLConfig(GRPOConfig):
             `sync/update_lost_frac` metric logged at every step; 0 disables it.
         vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
             Run the colocated vLLM engine eagerly (no torch.compile / CUDA graphs). `None`: eager on vLLM's CPU backend
-            (compiled graphs recompiled as shapes changed and ran slower there), compiled elsewhere.
+            (compiled graphs recompiled as shapes changed and ran slower there), compiled elsewhere. Forced eager when
+            the engine carries noise hooks (`aqn_variant="activation"`, or `hw_error` on the rollout).
         vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
             Overrides TRL's default (`True`): QeRL trained without a vLLM importance-sampling correction, which would
             partly undo the effect of the rollout noise on the gradient.
@@ -192,6 +216,30 @@ class QeRLConfig(GRPOConfig):
         default=None, metadata={"help": "Variable RIN: highest multiplier (>= 1); the multipliers still average 1."}
     )
 
+    # Parameters that control AQN variants and the hardware-error simulation (seed studies, issue 11)
+    aqn_decay: str = field(
+        default="exponential",
+        metadata={"help": "Curve of sigma through the K stages.", "choices": list(AQN_DECAYS)},
+    )
+    aqn_epoch_aware: bool = field(
+        default=False, metadata={"help": "Run the whole AQN schedule once per epoch instead of once over max_steps."}
+    )
+    aqn_variant: str = field(
+        default="weight",
+        metadata={
+            "help": "Noise on the rollout engine's RMSNorm weights (QeRL) or on the hidden state after them (seeds).",
+            "choices": list(AQN_VARIANTS),
+        },
+    )
+    hw_error: float = field(
+        default=0.0,
+        metadata={"help": "Relative std of the simulated hardware error on Linear outputs; 0 disables it."},
+    )
+    hw_error_where: str = field(
+        default="both",
+        metadata={"help": "Where the hardware error acts.", "choices": list(HW_ERROR_WHERE)},
+    )
+
     # Parameters that control how the rollout engine receives the policy
     vllm_adapter_sync: str = field(
         default="auto",
@@ -244,6 +292,7 @@ class QeRLConfig(GRPOConfig):
             raise ValueError(
                 f"aqn_num_stages={self.aqn_num_stages} must be >= 3 (one noise-free stage and a decay over K-2 steps)."
             )
+        self._check_noise_variants()
         if self.vllm_adapter_sync not in ADAPTER_SYNC_MODES:
             raise ValueError(f"vllm_adapter_sync={self.vllm_adapter_sync!r} is not one of {list(ADAPTER_SYNC_MODES)}.")
         if self.vllm_adapter_sync == "unmerged" and self.use_vllm and self.vllm_mode != "colocate":
@@ -296,6 +345,38 @@ class QeRLConfig(GRPOConfig):
                 plan.srdd_format,
                 self.quant_format,
             )
+
+    def _check_noise_variants(self) -> None:
+        if self.aqn_decay not in AQN_DECAYS:
+            raise ValueError(f"aqn_decay={self.aqn_decay!r} is not one of {list(AQN_DECAYS)}.")
+        if self.aqn_variant not in AQN_VARIANTS:
+            raise ValueError(f"aqn_variant={self.aqn_variant!r} is not one of {list(AQN_VARIANTS)}.")
+        if self.hw_error_where not in HW_ERROR_WHERE:
+            raise ValueError(f"hw_error_where={self.hw_error_where!r} is not one of {list(HW_ERROR_WHERE)}.")
+        if isinstance(self.hw_error, bool) or not (0.0 <= self.hw_error < float("inf")):
+            raise ValueError(f"hw_error={self.hw_error!r} must be a finite float >= 0 (0 disables it).")
+        hooks = []
+        if self.aqn and self.aqn_variant == "activation":
+            hooks.append("aqn_variant='activation'")
+        if self.hw_error > 0 and self.hw_error_where in ("rollout", "both"):
+            hooks.append(f"hw_error with hw_error_where={self.hw_error_where!r}")
+        if hooks and self.use_vllm and self.vllm_mode != "colocate":
+            raise ValueError(
+                f"{' and '.join(hooks)} put forward hooks on the rollout engine's modules, which only a colocated engine "
+                "exposes: use vllm_mode='colocate' (the vLLM server's worker extension supports the weight variant only)."
+            )
+        if hooks and self.use_vllm and self.vllm_enforce_eager is False:
+            raise ValueError(
+                f"{' and '.join(hooks)} need an eager vLLM engine (forward hooks are not run inside compiled graphs or "
+                "CUDA graphs): leave vllm_enforce_eager unset (None) or set it to True."
+            )
+
+    @property
+    def rollout_engine_hooks(self) -> bool:
+        """Whether the rollout engine carries forward hooks (activation AQN or rollout hardware error): it runs eager."""
+        return (self.aqn and self.aqn_variant == "activation") or (
+            self.hw_error > 0 and self.hw_error_where in ("rollout", "both")
+        )
 
     @property
     def aqn_noise_seed(self) -> int:

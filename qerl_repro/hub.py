@@ -244,6 +244,7 @@ def _aqn_section(training_args, total_steps) -> list[str]:
     sigma_end = _get(training_args, "aqn_sigma_end", 5e-4)
     num_stages = _get(training_args, "aqn_num_stages", 10)
     schedule = _get(training_args, "aqn_schedule", "qerl_code")
+    decay = _get(training_args, "aqn_decay", "exponential")
     lines += [
         f"Gaussian noise N(0, σ²) added to the rollout engine's RMSNorm weights after every weight sync ([QeRL]"
         f"({PAPER_URL}) §3.3): σ from {sigma_start:g} to {sigma_end:g} over K = {num_stages} stages, schedule "
@@ -252,6 +253,24 @@ def _aqn_section(training_args, total_steps) -> list[str]:
         "",
     ]
     lines += _rin_lines(training_args)
+    variant, epoch_aware = _get(training_args, "aqn_variant", "weight"), _get(training_args, "aqn_epoch_aware", False)
+    if decay != "exponential" or variant != "weight" or epoch_aware:
+        lines += [
+            f"Variants: `{decay}` decay through the stages; "
+            + (
+                "noise added to the hidden state after each targeted RMSNorm (`aqn_variant=activation`), fresh per "
+                "token and forward pass, instead of to the norm weights; "
+                if variant == "activation"
+                else ""
+            )
+            + (
+                "the schedule restarts every epoch (`aqn_epoch_aware`: the table below is one schedule over all the "
+                "steps; each epoch runs it over its own steps instead)."
+                if epoch_aware
+                else "one schedule over the run."
+            ),
+            "",
+        ]
     if not total_steps or total_steps < 1:
         return lines + ["The per-step schedule depends on the total number of optimizer steps (unknown here).", ""]
     lines += [
@@ -260,7 +279,7 @@ def _aqn_section(training_args, total_steps) -> list[str]:
         "| stage | optimizer steps | σ |",
         "|---|---|---|",
     ]
-    for row in aqn_schedule_table(total_steps, sigma_start, sigma_end, num_stages, schedule):
+    for row in aqn_schedule_table(total_steps, sigma_start, sigma_end, num_stages, schedule, decay):
         lines.append(f"| {row['stage']} | {row['first_step']}–{row['last_step']} | {row['sigma']:.3g} |")
     return lines + [""]
 

@@ -3,8 +3,10 @@
 
 Pure torch maths, no TRL import. Three parts:
 
-1. **Schedule** (`aqn_stage`, `aqn_sigma`, `aqn_schedule_table`): the noise standard deviation for an optimizer step.
-   `python -m qerl_repro.noise --total_steps 600 [--plot sigma.png]` prints (and plots) the schedule of a config.
+1. **Schedule** (`aqn_stage`, `aqn_sigma`, `aqn_schedule_table`, `aqn_epoch_step`): the noise standard deviation
+   for an optimizer step: K stages, an exponential (QeRL), linear or cosine decay (`DECAYS`, the paper's Fig. 9
+   ablation), over the whole run or restarted in every epoch (the seed studies' epoch-aware schedule).
+   `python -m qerl_repro.noise --total_steps 600 [--decay cosine] [--plot sigma.png]` prints (and plots) a schedule.
 2. **Target discovery** (`find_norm_weights`, `find_norm_modules`, `norm_weight_offset`, `require_norm_targets`): the
    RMSNorm weights that feed the attention (q/k/v) and MLP (gate/up) projections of every decoder block, found by
    module *name and structure*, so one function works on a vLLM model, a Hugging Face model and a PEFT-wrapped model.
@@ -51,9 +53,11 @@ from torch import nn
 
 
 __all__ = [
+    "DECAYS",
     "SCHEDULES",
     "AQNTargetError",
     "aqn_noise",
+    "aqn_epoch_step",
     "aqn_noised",
     "aqn_schedule_table",
     "aqn_sigma",
@@ -69,6 +73,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("qerl_code", "paper")
+DECAYS = ("exponential", "linear", "cosine")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,9 +88,11 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
 
 
-def _check_schedule_args(step, total_steps, num_stages, schedule) -> None:
+def _check_schedule_args(step, total_steps, num_stages, schedule, decay="exponential") -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown AQN schedule {schedule!r}; valid schedules are {list(SCHEDULES)}.")
+    if decay not in DECAYS:
+        raise ValueError(f"Unknown AQN decay {decay!r}; valid decays are {list(DECAYS)}.")
     _check_int("step", step, 0)
     _check_int("total_steps", total_steps, 1)
     # qerl_code divides the exponent by K - 2, the paper by K - 1.
@@ -110,14 +117,22 @@ def _stage(step: int, total_steps: int, num_stages: int, schedule: str) -> int:
     return min(stage, num_stages - 1)
 
 
-def _sigma(stage: int, sigma_start: float, sigma_end: float, num_stages: int, schedule: str) -> float:
+def _sigma(stage: int, sigma_start: float, sigma_end: float, num_stages: int, schedule: str, decay: str) -> float:
     if stage == 0:
         return 0.0  # warm-up stage: quantization noise only
     if schedule == "qerl_code":
-        # QeRL code: sigma_trend[i] = sigma_start * (sigma_end / sigma_start) ** (i / (K - 2)), i = min(k - 1, K - 2).
-        return sigma_start * (sigma_end / sigma_start) ** (min(stage - 1, num_stages - 2) / (num_stages - 2))
-    # QeRL (Eq. 8): sigma(k) = sigma_start * (sigma_end / sigma_start) ** ((k - 1) / (K - 1)).
-    return sigma_start * (sigma_end / sigma_start) ** ((stage - 1) / (num_stages - 1))
+        # QeRL code: sigma_trend[i] with i = min(k - 1, K - 2) over K - 2 intervals.
+        progress = min(stage - 1, num_stages - 2) / (num_stages - 2)
+    else:
+        # QeRL (Eq. 8): exponent (k - 1) / (K - 1).
+        progress = (stage - 1) / (num_stages - 1)
+    if decay == "exponential":
+        # QeRL (Eq. 8): sigma(k) = sigma_start * (sigma_end / sigma_start) ** progress.
+        return sigma_start * (sigma_end / sigma_start) ** progress
+    if decay == "linear":
+        return sigma_start + (sigma_end - sigma_start) * progress
+    # cosine: half a cosine period from sigma_start (progress 0) to sigma_end (progress 1).
+    return sigma_end + (sigma_start - sigma_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def aqn_stage(step: int, total_steps: int, num_stages: int = 10, schedule: str = "qerl_code") -> int:
@@ -146,8 +161,9 @@ def aqn_sigma(
     sigma_end: float = 5e-4,
     num_stages: int = 10,
     schedule: str = "qerl_code",
+    decay: str = "exponential",
 ) -> float:
-    """Noise std of AQN at an optimizer step: a noise-free stage, then K - 1 geometrically decaying stages.
+    """Noise std of AQN at an optimizer step: a noise-free stage, then K - 1 decaying stages.
 
     QeRL Section 3.3, Eq. 8 and Algorithm 1 (https://huggingface.co/papers/2510.11696). Defaults are the paper's
     Table 4 range 1e-2 -> 5e-4 with K = 10 stages (QeRL's scripts use 1e-2 -> 1e-4).
@@ -156,6 +172,16 @@ def aqn_sigma(
       `sigma_start * (sigma_end / sigma_start) ** (min(k - 1, K - 2) / (K - 2))`, ending exactly at `sigma_end`.
     - `"paper"` (Eq. 8): `sigma_start * (sigma_end / sigma_start) ** ((k - 1) / (K - 1))`, which never reaches
       `sigma_end`.
+
+    `decay` changes only the curve through the same stages (the paper's Fig. 9 / Fig. 15 ablation), with the same
+    progress `p` of stage k >= 1 (`min(k - 1, K - 2) / (K - 2)` for `"qerl_code"`, `(k - 1) / (K - 1)` for `"paper"`):
+
+    - `"exponential"` (default, QeRL): `sigma_start * (sigma_end / sigma_start) ** p`;
+    - `"linear"`: `sigma_start + (sigma_end - sigma_start) * p`;
+    - `"cosine"`: `sigma_end + (sigma_start - sigma_end) * (1 + cos(pi * p)) / 2`.
+
+    All three give 0 in stage 0, `sigma_start` in stage 1 and (for `"qerl_code"`) exactly `sigma_end` in stage K - 1
+    and beyond (the clamp).
 
     See `aqn_stage` for the stage index and the step convention (`step` = `trainer.state.global_step`, 0-based).
 
@@ -166,6 +192,7 @@ def aqn_sigma(
         sigma_end (`float`, *optional*, defaults to `5e-4`): sigma the decay heads to (> 0).
         num_stages (`int`, *optional*, defaults to `10`): K (>= 3 for `"qerl_code"`, >= 2 for `"paper"`).
         schedule (`str`, *optional*, defaults to `"qerl_code"`): one of `SCHEDULES`.
+        decay (`str`, *optional*, defaults to `"exponential"`): one of `DECAYS`.
 
     Returns:
         `float`: the noise std (0.0 in the first stage).
@@ -173,10 +200,10 @@ def aqn_sigma(
     >>> aqn_sigma(0, 600), aqn_sigma(60, 600), aqn_sigma(599, 600)
     (0.0, 0.01, 0.0005)
     """
-    _check_schedule_args(step, total_steps, num_stages, schedule)
+    _check_schedule_args(step, total_steps, num_stages, schedule, decay)
     _check_sigmas(sigma_start, sigma_end)
     stage = _stage(step, total_steps, num_stages, schedule)
-    return _sigma(stage, sigma_start, sigma_end, num_stages, schedule)
+    return _sigma(stage, sigma_start, sigma_end, num_stages, schedule, decay)
 
 
 def aqn_schedule_table(
@@ -185,12 +212,13 @@ def aqn_schedule_table(
     sigma_end: float = 5e-4,
     num_stages: int = 10,
     schedule: str = "qerl_code",
+    decay: str = "exponential",
 ) -> list[dict]:
     """The schedule of a run as rows `{"stage", "first_step", "last_step", "sigma"}` over steps 0 .. total_steps - 1.
 
     Stages that contain no step (possible when `total_steps < num_stages`) are left out.
     """
-    _check_schedule_args(0, total_steps, num_stages, schedule)
+    _check_schedule_args(0, total_steps, num_stages, schedule, decay)
     _check_sigmas(sigma_start, sigma_end)
     rows: list[dict] = []
     for step in range(total_steps):
@@ -198,9 +226,34 @@ def aqn_schedule_table(
         if rows and rows[-1]["stage"] == stage:
             rows[-1]["last_step"] = step
         else:
-            sigma = _sigma(stage, sigma_start, sigma_end, num_stages, schedule)
+            sigma = _sigma(stage, sigma_start, sigma_end, num_stages, schedule, decay)
             rows.append({"stage": stage, "first_step": step, "last_step": step, "sigma": sigma})
     return rows
+
+
+def aqn_epoch_step(step: int, total_steps: int, steps_per_epoch: int) -> tuple[int, int]:
+    """`(step_in_epoch, epoch_steps)` for the epoch-aware schedule: `aqn_sigma(step_in_epoch, epoch_steps, ...)` is the
+    sigma of optimizer step `step` when every epoch runs its own schedule (warm-up stage, then the decay from
+    `sigma_start` to `sigma_end`), as the seed studies did instead of one decay over all epochs.
+
+    Epoch `e = step // steps_per_epoch` covers steps `[e * S, e * S + S)` (`S = steps_per_epoch`, the Trainer's
+    `num_update_steps_per_epoch`) cut at `total_steps` (the Trainer's `max_steps`): a last partial epoch decays over
+    the steps the run still takes, so every run ends in its last stage. With one epoch (or `total_steps <= S`) this is
+    `(step, total_steps)`, the plain schedule. Steps at or beyond `total_steps` stay in the last epoch.
+
+    (QeRL's code restarts its schedule every epoch by accident, against the all-epoch M, so with two epochs each epoch
+    only reaches the middle of the decay; reference/qerl.md 1.2.)
+
+    >>> [aqn_epoch_step(step, 10, 4) for step in (0, 3, 4, 8, 9)]
+    [(0, 4), (3, 4), (0, 4), (0, 2), (1, 2)]
+    """
+    _check_int("step", step, 0)
+    _check_int("total_steps", total_steps, 1)
+    _check_int("steps_per_epoch", steps_per_epoch, 1)
+    last_epoch = (total_steps - 1) // steps_per_epoch
+    epoch = min(step // steps_per_epoch, last_epoch)
+    epoch_start = epoch * steps_per_epoch
+    return step - epoch_start, min(steps_per_epoch, total_steps - epoch_start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -539,14 +592,15 @@ def aqn_noised(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CLI: python -m qerl_repro.noise --total_steps 600 [--plot sigma.png]
+# CLI: python -m qerl_repro.noise --total_steps 600 [--decay cosine] [--plot sigma.png]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def _format_table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"AQN schedule ({args.schedule}): total_steps={args.total_steps}, num_stages={args.num_stages}, "
-        f"sigma {args.sigma_start:.3g} -> {args.sigma_end:.3g}; step = trainer.state.global_step (0 = first rollout)",
+        f"sigma {args.sigma_start:.3g} -> {args.sigma_end:.3g} ({args.decay} decay); "
+        "step = trainer.state.global_step (0 = first rollout)",
         f"{'stage':>5}  {'first_step':>10}  {'last_step':>9}  {'steps':>5}  {'sigma':>9}",
     ]
     for row in rows:
@@ -569,7 +623,9 @@ def _plot(rows: list[dict], args: argparse.Namespace, path: str) -> None:
     ax.plot(steps, sigmas)
     ax.set_xlabel("optimizer step (trainer.state.global_step)")
     ax.set_ylabel("AQN sigma")
-    ax.set_title(f"AQN ({args.schedule}): {args.sigma_start:.3g} -> {args.sigma_end:.3g}, {args.num_stages} stages")
+    ax.set_title(
+        f"AQN ({args.schedule}, {args.decay}): {args.sigma_start:.3g} -> {args.sigma_end:.3g}, {args.num_stages} stages"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -584,10 +640,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--sigma_end", type=float, default=5e-4, help="final sigma (aqn_sigma_end)")
     parser.add_argument("--num_stages", type=int, default=10, help="number of stages K (aqn_num_stages)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="qerl_code", help="QeRL's code or the paper's Eq. 8")
+    parser.add_argument("--decay", choices=DECAYS, default="exponential", help="decay curve (aqn_decay)")
     parser.add_argument("--plot", default=None, help="write a sigma-vs-step plot to this PNG path")
     args = parser.parse_args(argv)
     try:
-        rows = aqn_schedule_table(args.total_steps, args.sigma_start, args.sigma_end, args.num_stages, args.schedule)
+        rows = aqn_schedule_table(
+            args.total_steps, args.sigma_start, args.sigma_end, args.num_stages, args.schedule, args.decay
+        )
     except ValueError as err:
         parser.error(str(err))
     sys.stdout.write(_format_table(rows, args) + "\n")

@@ -10,8 +10,8 @@ python -m qerl_repro.table1 report --scale cpu                             # res
 Rows (`ROWS`): the untrained bases (`bf16`, `nf4`, `mxfp4`, `nvfp4`: one evaluation each), then the training rows
 (`bf16_full`, `bf16_lora`, `nf4_qlora`, `mxfp4_lora`, `nvfp4_lora`, `nvfp4_aqn`, and `bf16_aqn`, the BF16 LoRA + AQN
 ablation of QeRL issue #11), each repeated with seeds 42, 43, ... (`--seeds n`). `EXTRA_ROWS` (the CPU testbed's
-RIN arms `nvfp4_rin_targeted` and `nvfp4_rin_variable`) run only when named in `--rows`; the report shows them when
-present. Runs go one at a time. A row/seed is finished when its results JSON exists
+seed-study extensions: RIN, AQN variants, hardware error, W4A4, DAPO) run only when named in `--rows`; the report shows
+them when present. Runs go one at a time. A row/seed is finished when its results JSON exists
 (`results/table1_<scale>/<model>/<row>-seed<seed>.json`, or `<row>.json` for an untrained base) and is then skipped; an
 unfinished one reruns the same command in the same output folder (`runs/table1_<scale>/<model>/...`), where the recipe
 resumes from its last checkpoint.
@@ -74,13 +74,22 @@ ROWS: dict[str, Row] = {
         Row("bf16_aqn", "BF16", "LoRA + AQN (QeRL #11 ablation)", "none"),
     )
 }
-# RIN (SRDD-guided per-block AQN, qerl_repro.rin): CPU testbed rows outside the default grid. They run only when named
-# (`make reproduce-table1 SCALE=cpu ROWS=nvfp4_rin_targeted,nvfp4_rin_variable`); the report shows them when present.
+# The seed studies' extensions (issue 11) as CPU testbed rows outside the default grid: RIN (SRDD-guided per-block AQN,
+# qerl_repro.rin), the AQN variants (activation noise, linear and cosine decay), the hardware-error simulation, W4A4
+# training and QeRL with TRL's DAPO loss. They run only when named (`make reproduce-table1 SCALE=cpu
+# ROWS=nvfp4_rin_targeted,...`); the report shows them when present. Recipes: recipes/testbed/testbed_<row>.yaml.
 EXTRA_ROWS: dict[str, Row] = {
     row.key: row
     for row in (
         Row("nvfp4_rin_targeted", "NVFP4", "LoRA + RIN targeted (seeds' SRDD-guided AQN)", "nvfp4"),
         Row("nvfp4_rin_variable", "NVFP4", "LoRA + RIN variable (seeds' SRDD-guided AQN)", "nvfp4"),
+        Row("nvfp4_aqn_act", "NVFP4", "LoRA + AQN (activation variant)", "nvfp4"),
+        Row("nvfp4_aqn_linear", "NVFP4", "LoRA + AQN (linear decay)", "nvfp4"),
+        Row("nvfp4_aqn_cosine", "NVFP4", "LoRA + AQN (cosine decay)", "nvfp4"),
+        Row("bf16_hw_error", "BF16", "LoRA, 5 % hardware error", "none"),
+        Row("bf16_hw_error_aqn", "BF16", "LoRA + AQN, 5 % hardware error", "none"),
+        Row("nvfp4_w4a4", "NVFP4", "LoRA, W4A4 (FP4 activations, STE)", "nvfp4"),
+        Row("nvfp4_aqn_dapo", "NVFP4", "LoRA + AQN, DAPO loss", "nvfp4"),
     )
 }
 ALL_ROWS: dict[str, Row] = {**ROWS, **EXTRA_ROWS}
@@ -89,7 +98,18 @@ COMPARISONS = [("bf16_lora", key) for key in ROWS if ROWS[key].trained and key !
     ("nvfp4_lora", "nvfp4_aqn"),
     ("nvfp4_aqn", "nvfp4_rin_targeted"),
     ("nvfp4_aqn", "nvfp4_rin_variable"),
+    ("nvfp4_aqn", "nvfp4_aqn_act"),
+    ("nvfp4_aqn", "nvfp4_aqn_linear"),
+    ("nvfp4_aqn", "nvfp4_aqn_cosine"),
+    ("bf16_hw_error", "bf16_hw_error_aqn"),
+    ("nvfp4_lora", "nvfp4_w4a4"),
+    ("nvfp4_aqn", "nvfp4_aqn_dapo"),
 ]
+
+
+def row_spec(row: str) -> Row:
+    """The `Row` of a grid row or an extra row."""
+    return ALL_ROWS[row]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -356,7 +376,9 @@ def plan(rows: list[str], seeds: int) -> list[tuple[str, int | None]]:
     seed 43 of every row, ...: a grid stopped part-way leaves every arm at the same number of seeds (give or take one)."""
     unknown = [row for row in rows if row not in ALL_ROWS]
     if unknown:
-        raise SystemExit(f"error: unknown rows {unknown}; valid rows: {', '.join(ALL_ROWS)}")
+        raise SystemExit(
+            f"error: unknown rows {unknown}; valid rows: {', '.join(ROWS)}; extra rows: {', '.join(EXTRA_ROWS)}"
+        )
     if seeds < 1:
         raise SystemExit(f"error: --seeds {seeds} must be >= 1")
     jobs = [(row, None) for row in rows if not ALL_ROWS[row].trained]

@@ -14,6 +14,8 @@ What it adds to `GRPOTrainer` (everything else is TRL's):
 - `aqn/sigma`, `aqn/stage`, `aqn/num_noised_modules` and `sync/update_lost_frac` are added to every training log;
 - RIN (`aqn_rin`, `qerl_repro.rin`): per-block sigma multipliers from an SRDD JSON, computed once (written to
   `<output_dir>/rin_multipliers.json`, `aqn/rin_*` in every training log), applied in every rollout path.
+- AQN variants (`aqn_decay`, `aqn_epoch_aware`, `aqn_variant="activation"`: `qerl_repro.activation_noise`) and the
+  hardware-error simulation (`hw_error`, `hw_error_where`: `qerl_repro.hardware_noise`, `hw_error/...` metrics).
 """
 
 import logging
@@ -30,6 +32,7 @@ from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 
 from qerl_repro.config import QeRLConfig
 from qerl_repro.noise import (
+    aqn_epoch_step,
     aqn_noised,
     aqn_sigma,
     aqn_stage,
@@ -574,7 +577,8 @@ class QeRLTrainer(GRPOTrainer):
             "QeRLVLLMGeneration",
             (QeRLVLLMGeneration,),
             {
-                "enforce_eager": args.vllm_enforce_eager,
+                # forward hooks on the engine (activation AQN, rollout hardware error) need an eager engine
+                "enforce_eager": True if args.rollout_engine_hooks else args.vllm_enforce_eager,
                 "adapter_sync": adapter_sync,
                 "engine_base_dir": engine_base_export(model, args, kwargs.get("peft_config"), adapter_sync),
                 "fidelity_rows": args.sync_fidelity_rows,
@@ -597,8 +601,9 @@ class QeRLTrainer(GRPOTrainer):
         self._rin, self._rin_logged = rin, False
         if rin is not None:
             write_rin_multipliers(rin, args.output_dir, self.accelerator.is_main_process)
+        self._init_noise_variants()
         if self.use_vllm:
-            self.vllm_generation.post_sync_hook = self._apply_aqn_after_sync
+            self.vllm_generation.post_sync_hook = self._after_sync
         if args.vllm_quant_activations:
             from qerl_repro.w4a4 import install_engine_activation_quant_
 
@@ -606,13 +611,74 @@ class QeRLTrainer(GRPOTrainer):
                 self.vllm_generation.engine_model, args.quant_format, mxfp4_scale_mode=args.mxfp4_scale_mode
             )
 
+    # ---- AQN variants and hardware-error simulation (qerl_repro.activation_noise, qerl_repro.hardware_noise) -------
+    def _init_noise_variants(self) -> None:
+        self._steps_per_epoch = None  # the Trainer's num_update_steps_per_epoch, set when training starts
+        self._activation_noise = None  # activation AQN hooks on the colocated engine
+        self._engine_hw_error = None  # hardware-error hooks on the colocated engine
+        self._policy_hw_error = None  # hardware-error hooks on the policy (training forwards; HF-generate rollouts)
+        where = self.args.hw_error_where
+        if self.args.hw_error > 0 and (where in ("train", "both") or not self.use_vllm):
+            from qerl_repro.hardware_noise import HardwareErrorNoise
+
+            self._policy_hw_error = HardwareErrorNoise(
+                self.accelerator.unwrap_model(self.model),
+                kind="hw_error_train",
+                only_in_training_mode=True,
+                description="policy model",
+            )
+            self._policy_hw_error.enabled = where in ("train", "both")
+
+    def set_initial_training_values(self, args, dataloader):
+        """Transformers' step counts; keeps `num_update_steps_per_epoch` for the epoch-aware AQN schedule."""
+        values = super().set_initial_training_values(args, dataloader)
+        self._steps_per_epoch = values[1]
+        return values
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._policy_hw_error is not None:  # a new draw sequence at each optimizer step
+            self._policy_hw_error.begin_step(self.args.hw_error, seed=self.args.seed, step=self.state.global_step)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _after_sync(self) -> None:
+        """After every weight sync: AQN (weight or activation variant), the engine's hardware error, and for an
+        evaluation rollout the clean engine."""
+        self._apply_aqn_after_sync()
+        if self.args.hw_error > 0 and self.args.hw_error_where in ("rollout", "both"):
+            if self.vllm_generation.mode == "colocate":  # server mode is refused by QeRLConfig
+                if self._engine_hw_error is None:
+                    from qerl_repro.hardware_noise import HardwareErrorNoise
+
+                    self._engine_hw_error = HardwareErrorNoise(
+                        self.vllm_generation.engine_model, kind="hw_error_rollout", description="vLLM rollout engine"
+                    )
+                self._engine_hw_error.set_step(self.args.hw_error, seed=self.args.seed, step=self.state.global_step)
+                self.vllm_generation.llm.reset_prefix_cache()
+        if self._evaluation_rollout:
+            self._write_engine_norms(clean=True)
+
+    @contextmanager
+    def _policy_hw_error_in_generation(self):
+        """The policy's hardware-error hooks during a generation: on for HF-generate rollouts when `hw_error_where`
+        includes the rollout, off otherwise (vLLM generates elsewhere; `"train"` keeps rollouts clean)."""
+        hooks = self._policy_hw_error
+        if hooks is None:
+            yield
+            return
+        hooks.begin_step(self.args.hw_error, seed=self.args.seed, step=self.state.global_step)
+        with hooks.switched(not self.use_vllm and self.args.hw_error_where in ("rollout", "both")):
+            yield
+
     # ---- schedule -------------------------------------------------------------------------------------------------
     def current_aqn_sigma(self) -> tuple[float, int]:
-        """`(sigma, stage)` of the current optimizer step (0 when AQN is off or before training starts)."""
+        """`(sigma, stage)` of the current optimizer step (0 when AQN is off or before training starts); with
+        `aqn_epoch_aware` the step within its epoch against the epoch's length (`aqn_epoch_step`)."""
         total_steps = self.state.max_steps
         if not self.args.aqn or total_steps <= 0:
             return 0.0, 0
         step = self.state.global_step
+        if self.args.aqn_epoch_aware and self._steps_per_epoch:
+            step, total_steps = aqn_epoch_step(step, total_steps, self._steps_per_epoch)
         sigma = aqn_sigma(
             step,
             total_steps,
@@ -620,6 +686,7 @@ class QeRLTrainer(GRPOTrainer):
             sigma_end=self.args.aqn_sigma_end,
             num_stages=self.args.aqn_num_stages,
             schedule=self.args.aqn_schedule,
+            decay=self.args.aqn_decay,
         )
         return sigma, aqn_stage(step, total_steps, self.args.aqn_num_stages, schedule=self.args.aqn_schedule)
 
@@ -632,7 +699,19 @@ class QeRLTrainer(GRPOTrainer):
             return
         sigma, stage = self.current_aqn_sigma()
         seed, step = self.args.aqn_noise_seed, self.state.global_step
-        if self.vllm_generation.mode == "colocate":
+        if self.args.aqn_variant == "activation":  # colocate only (QeRLConfig)
+            if self._activation_noise is None:
+                from qerl_repro.activation_noise import ActivationNoise
+
+                self._activation_noise = ActivationNoise(
+                    self.vllm_generation.engine_model,
+                    include_final_norm=self.args.aqn_include_final_norm,
+                    include_qk_norm=self.args.aqn_include_qk_norm,
+                    description="vLLM rollout engine (colocate)",
+                )
+            num_noised = self._activation_noise.set_step(sigma, seed=seed, step=step)
+            self.vllm_generation.llm.reset_prefix_cache()  # cached KV blocks hold the previous step's noise
+        elif self.vllm_generation.mode == "colocate":
             if self._rollout_noiser is None:
                 from qerl_repro.vllm_worker import RolloutNormNoiser
 
@@ -648,8 +727,6 @@ class QeRLTrainer(GRPOTrainer):
             self.vllm_generation.llm.reset_prefix_cache()
         else:
             num_noised = self._apply_aqn_on_server(sigma, seed, step)
-        if self._evaluation_rollout:
-            self._write_engine_norms(clean=True)
         self._record_aqn(sigma, stage, num_noised)
 
     def _apply_aqn_on_server(self, sigma: float, seed: int, step: int) -> int:
@@ -669,13 +746,18 @@ class QeRLTrainer(GRPOTrainer):
         )
 
     def _write_engine_norms(self, *, clean: bool) -> None:
-        """Put the clean norm weights (AQN off) or the noised ones of the latest draw into the rollout engine."""
+        """Put the clean norm weights (AQN off) or the noised ones of the latest draw into the rollout engine; the
+        engine's noise hooks (activation AQN, hardware error) off or on."""
         if self.vllm_generation.mode == "colocate":
+            hooks = [h for h in (self._activation_noise, self._engine_hw_error) if h is not None]
+            for hook in hooks:
+                hook.enabled = not clean
             if self._rollout_noiser is not None:
                 if clean:
                     self._rollout_noiser.write_clean()
                 else:
                     self._rollout_noiser.write_noised()
+            if self._rollout_noiser is not None or hooks:
                 self.vllm_generation.llm.reset_prefix_cache()
         elif self.accelerator.is_main_process:
             from qerl_repro.vllm_worker import write_server_norms
@@ -684,9 +766,10 @@ class QeRLTrainer(GRPOTrainer):
 
     @contextmanager
     def clean_rollout_engine(self):
-        """AQN off in the vLLM rollout engine inside the block (evaluation rollouts, colocate or server); the latest
-        noise is back afterwards, also when a sync inside the block (a step boundary) drew new noise."""
-        if not (self.use_vllm and self.args.aqn):
+        """AQN and the rollout hardware error off in the vLLM rollout engine inside the block (evaluation rollouts,
+        colocate or server); the latest noise is back afterwards, also when a sync inside the block (a step boundary)
+        drew new noise."""
+        if not (self.use_vllm and (self.args.aqn or self.args.rollout_engine_hooks)):
             yield
             return
         self._evaluation_rollout = True
@@ -699,7 +782,14 @@ class QeRLTrainer(GRPOTrainer):
 
     # ---- generation: HF path noise, and noise-free evaluation --------------------------------------------------------
     def _generate_single_turn(self, *args, **kwargs):
+        with self._policy_hw_error_in_generation():
+            return self._generate_single_turn_with_aqn(*args, **kwargs)
+
+    def _generate_single_turn_with_aqn(self, *args, **kwargs):
         if not self.args.aqn:
+            if self.use_vllm and self.args.rollout_engine_hooks and not self.model.training:
+                with self.clean_rollout_engine():  # evaluation rollouts without the hardware error
+                    return super()._generate_single_turn(*args, **kwargs)
             return super()._generate_single_turn(*args, **kwargs)
         if self.use_vllm:
             if self.model.training:
@@ -713,6 +803,24 @@ class QeRLTrainer(GRPOTrainer):
             return super()._generate_single_turn(*args, **kwargs)
         # HF generate on the training model: noise only while generating, restored bit-exactly afterwards, so the
         # logprob and training forwards are noise-free.
+        sigma, stage = self.current_aqn_sigma()
+        seed, step = self.args.aqn_noise_seed, self.state.global_step
+        if self.args.aqn_variant == "activation":  # hooks on the policy for this generation only
+            from qerl_repro.activation_noise import activation_noised
+
+            with activation_noised(
+                self.accelerator.unwrap_model(self.model),
+                sigma,
+                seed=seed,
+                step=step,
+                include_final_norm=self.args.aqn_include_final_norm,
+                include_qk_norm=self.args.aqn_include_qk_norm,
+                description="policy model (HF generate)",
+            ) as noise:
+                output = super()._generate_single_turn(*args, **kwargs)
+            self._record_aqn(sigma, stage, len(noise.targets) if sigma > 0 else 0)
+            self._aqn_last["aqn/activation_noised_calls"] = noise.num_noised_calls
+            return output
         if self._hf_norm_targets is None:
             targets = find_norm_weights(
                 self.accelerator.unwrap_model(self.model),
@@ -745,9 +853,34 @@ class QeRLTrainer(GRPOTrainer):
             if self._rin is not None:  # RIN: the per-block multipliers once, at the first training log
                 logs.update(rin_metrics(self._rin, per_block=not self._rin_logged))
                 self._rin_logged = True
+            self._log_noise_hooks(logs)
             if self.use_vllm:
                 logs.update(self.vllm_generation.last_sync_metrics)
         super().log(logs, start_time)
+
+    def _log_noise_hooks(self, logs: dict[str, float]) -> None:
+        """`aqn/activation_noised_calls` and `hw_error/{eps, policy_layers, policy_noised_calls, engine_layers,
+        engine_noised_calls}` (policy: the trainer's model, i.e. its forwards and HF-generate rollouts; engine: the vLLM
+        rollout engine; calls: perturbed module calls since the step's draw). Raises when hooks that should have
+        perturbed this step never ran (DESIGN.md trap 1: a run that silently has no noise)."""
+        if self._activation_noise is not None:
+            logs["aqn/activation_noised_calls"] = self._activation_noise.num_noised_calls
+        if self.args.hw_error > 0:
+            logs["hw_error/eps"] = self.args.hw_error
+            for where, hooks in (("policy", self._policy_hw_error), ("engine", self._engine_hw_error)):
+                if hooks is not None:
+                    logs[f"hw_error/{where}_layers"] = len(hooks.targets)
+                    logs[f"hw_error/{where}_noised_calls"] = hooks.num_noised_calls
+        silent = [
+            key for key in ("hw_error/policy_noised_calls", "hw_error/engine_noised_calls") if logs.get(key) == 0
+        ]
+        if logs.get("aqn/num_noised_modules", 0) > 0 and logs.get("aqn/activation_noised_calls") == 0:
+            silent.append("aqn/activation_noised_calls")
+        if silent:
+            raise RuntimeError(
+                f"{', '.join(silent)} = 0: noise hooks were set for this step but never ran, so the run would silently "
+                "have no noise. The engine must run eagerly (vllm_enforce_eager) and call its modules (forward hooks)."
+            )
 
     # ---- model card ------------------------------------------------------------------------------------------------
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):

@@ -126,6 +126,12 @@ class TestRecipes:
         "testbed_nvfp4_rin_variable": ("nvfp4", True, True),
         "testbed_nvfp4_w4a4": ("nvfp4", False, True),  # not a paper row: W4A4 (quant_activations)
         "testbed_nvfp4_aqn_dapo": ("nvfp4", True, True),  # QeRL with TRL's dapo loss
+        # issue 11's extra rows (qerl_repro.table1.EXTRA_ROWS): AQN variants and the hardware-error simulation
+        "testbed_nvfp4_aqn_act": ("nvfp4", True, True),
+        "testbed_nvfp4_aqn_linear": ("nvfp4", True, True),
+        "testbed_nvfp4_aqn_cosine": ("nvfp4", True, True),
+        "testbed_bf16_hw_error": ("none", False, True),
+        "testbed_bf16_hw_error_aqn": ("none", True, True),
     }
 
     def test_one_yaml_per_table1_row(self):

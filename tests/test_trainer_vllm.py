@@ -458,3 +458,24 @@ def test_policy_eval_generates_with_the_current_policy_on_clean_norms_and_the_no
         noise = aqn_noise(reference.shape, sigma, seed=42, step=MAX_STEPS, index=index)
         weight = norms[f"{name}.weight"]
         assert torch.equal(weight, (reference.float() + noise).to(weight.dtype)), name
+
+
+# ---- hardware-error hooks on an engine that serves the adapter unmerged (issue 11) ------------------------------------
+def test_hw_error_hooks_the_engines_lora_wrappers_not_their_bypassed_base_layers(unmerged_run):
+    """vLLM's LoRA layers call their base layer's kernel directly (no `base_layer.forward`): the hardware-error hooks
+    must sit on the wrappers, whose output is base + LoRA, or they would never fire."""
+    from qerl_repro.hardware_noise import HardwareErrorNoise
+
+    trainer, _ = unmerged_run
+    hw = HardwareErrorNoise(trainer.vllm_generation.engine_model, kind="hw_error_test")
+    try:
+        assert len(hw.targets) == 8  # qkv, o, gate_up, down in each of the 2 blocks
+        assert all(type(m).__name__.endswith("WithLoRA") for m in hw.targets.values())
+        with trainer._rollout_noiser.clean_weights():
+            clean = _greedy(trainer, "How many clips did Natalia sell", max_tokens=16)[1:]
+            hw.set_step(0.05, seed=0, step=0)
+            noisy = _greedy(trainer, "How many clips did Natalia sell", max_tokens=16)[1:]
+        assert hw.num_noised_calls > 0
+        assert noisy[0] != clean[0] or not torch.equal(noisy[1], clean[1])
+    finally:
+        hw.remove()

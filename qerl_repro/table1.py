@@ -995,12 +995,18 @@ def readme_section(results_dir: str, scale: str) -> str:
                 verdict = (
                     f"{100 * test['difference']:+.1f} points [{100 * test['ci'][0]:+.1f}, {100 * test['ci'][1]:+.1f}], "
                     f"{test_name}, p = {test['p_value']:.2g}: "
-                    + ("not distinguishable at this sample size" if test["p_value"] >= 0.05 else "a difference")
+                    + (
+                        "not distinguishable at this sample size"
+                        if test["p_value"] >= 0.05
+                        else f"{_label(b)} {'higher' if test['difference'] > 0 else 'lower'}"
+                    )
                 )
                 auc_name, auc = _seed_level(c, key="auc_")
                 if auc is not None:
                     verdict += f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g}" + (
-                        " (not distinguishable)" if auc["p_value"] >= 0.05 else ""
+                        " (not distinguishable)"
+                        if auc["p_value"] >= 0.05
+                        else f" ({_label(b)} {'higher' if auc['difference'] > 0 else 'lower'})"
                     )
             lines.append(f"- {claim} ({_paper_difference(a, b)}): {verdict}.")
     lines.append(README_END.format(scale=scale))

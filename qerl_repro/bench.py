@@ -41,7 +41,7 @@ import torch
 
 BENCHES: dict[str, Callable[[], dict]] = {}
 # Other modules that register benches with `@register_bench`; imported by the CLI when they exist.
-BENCH_MODULES = ("qerl_repro.bench_trainer",)
+BENCH_MODULES = ("qerl_repro.bench_trainer", "qerl_repro.bench_speed")
 
 
 def register_bench(name: str):
@@ -134,8 +134,11 @@ def _release_free_heap() -> None:
         pass
 
 
-def lora_step_peak_rss(quant_format: str, model_path: str, batch_size: int = 1, seq_len: int = 64) -> dict:
-    """Peak RSS (MiB) of one LoRA (r=32, all-linear) forward+backward step on `quant_format` ("none" or "nvfp4", ...).
+def lora_step_peak_rss(
+    quant_format: str, model_path: str, batch_size: int = 1, seq_len: int = 64, autocast_bf16: bool = False
+) -> dict:
+    """Peak RSS (MiB) of one LoRA (r=32, all-linear) forward+backward step on `quant_format` ("none" or "nvfp4", ...),
+    the forward under bf16 autocast if `autocast_bf16`.
 
     One warm-up step runs first (gradients then freed), so the measured step is a steady-state training step.
 
@@ -162,8 +165,12 @@ def lora_step_peak_rss(quant_format: str, model_path: str, batch_size: int = 1, 
     model.train()
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16)
     start = time.perf_counter()
-    model(input_ids=input_ids, labels=input_ids).loss.backward()  # warm-up: the first step is 10-100x slower
+    with autocast:
+        warm_up_loss = model(input_ids=input_ids, labels=input_ids).loss
+    warm_up_loss.backward()  # warm-up: the first step is 10-100x slower
+    del warm_up_loss
     first_step_seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -171,13 +178,15 @@ def lora_step_peak_rss(quant_format: str, model_path: str, batch_size: int = 1, 
     rss_model_kb, load_peak_kb = _rss_kb()
     reset = _reset_peak_rss() and _rss_kb()[1] <= rss_model_kb + 1024
     start = time.perf_counter()
-    loss = model(input_ids=input_ids, labels=input_ids).loss
+    with autocast:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     step_seconds = time.perf_counter() - start
     step_peak_kb = _rss_kb()[1]
     return {
         "quant_format": quant_format,
         "batch": [batch_size, seq_len],
+        "autocast_bf16": autocast_bf16,
         "loss": float(loss),
         "peak_reset_ok": reset,
         "rss_runtime_mib": rss_runtime_kb / 1024,

@@ -185,3 +185,9 @@ def test_dequantize_matches_nibble_reference(fmt, out_dtype, weights):
         assert _bits_equal(out, ref)
     if out_dtype is None:
         assert _bits_equal(out, fake_quantize(x, fmt))
+
+
+def test_e4m3_table_matches_torch_cast_on_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    out, ref = formats._e4m3_to_f32(codes), codes.to(torch.float32)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # bit patterns: NaNs, -0.0 and subnormals too

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,32 @@ def decode_packed_fp4(packed: torch.Tensor) -> torch.Tensor:
     every forward and backward of `FP4Linear`.
     """
     words = _packed_byte_lut(packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+    return words.view(torch.float32).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable 1-D buffer of at least `numel` elements, per thread (grown, never shrunk)."""
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel]
+
+
+def _decode_packed_fp4_scratch(packed: torch.Tensor) -> torch.Tensor:
+    """`decode_packed_fp4` into per-thread scratch buffers (the result is overwritten by the next call).
+
+    `FP4Linear` dequantizes every layer in every forward and backward: reusing the index and value buffers instead of
+    allocating them each time saves the page faults of fresh memory, a large part of the decode's cost on CPU.
+    """
+    numel = packed.numel()
+    index = _scratch_buffer("index", numel, torch.int32, packed.device)
+    index.copy_(packed.reshape(-1))
+    words = _scratch_buffer("words", numel, torch.int64, packed.device)
+    torch.index_select(_packed_byte_lut(packed.device), 0, index, out=words)
     return words.view(torch.float32).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
@@ -395,11 +422,23 @@ def quantize_mxfp4(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _e4m3_lut(device: torch.device) -> torch.Tensor:
+    """[256] float32: the value of every float8_e4m3fn bit pattern (built once per device)."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _e4m3_to_f32(x: torch.Tensor) -> torch.Tensor:
+    """`x.to(torch.float32)` for a float8_e4m3fn tensor by table lookup (torch's fp8 cast is a slow scalar loop)."""
+    index = x.view(torch.uint8).reshape(-1).to(torch.int32)
+    return _e4m3_lut(x.device).index_select(0, index).reshape(x.shape)
+
+
 def _block_scales_f32(q: QuantizedFP4) -> torch.Tensor:
     """fp32 multiplier of each block [..., n / block]: NVFP4 `pts * s_b`, MXFP4 `2^(e - 127)` (NaN for e = 255)."""
     if q.fmt == "nvfp4":
         # QeRL (Eq. 6): W_hat = W_fp4 * S_fp8 * S_fp32, one E4M3 scale per block of 16 and one FP32 scale per tensor.
-        return q.per_tensor_scale * q.block_scale.to(torch.float32)
+        return q.per_tensor_scale * _e4m3_to_f32(q.block_scale)
     scale = torch.exp2(q.block_scale.to(torch.float32) - E8M0_BIAS)
     return torch.where(q.block_scale == E8M0_NAN, float("nan"), scale)
 
@@ -415,7 +454,7 @@ def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tenso
     _check_format(q.fmt, "QuantizedFP4")
     dtype = q.dtype if dtype is None else dtype
     block = BLOCK_SIZE[q.fmt]
-    values = decode_packed_fp4(q.packed).reshape(*q.shape[:-1], q.shape[-1] // block, block)
+    values = _decode_packed_fp4_scratch(q.packed).reshape(*q.shape[:-1], q.shape[-1] // block, block)
     scale = _block_scales_f32(q).unsqueeze(-1)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return (values * scale).to(dtype).reshape(q.shape)

@@ -16,6 +16,7 @@ from qerl_repro.quantization.formats import (
     fake_quantize_reference,
     quantize_mxfp4,
     quantize_nvfp4,
+    quantize_reference,
 )
 
 
@@ -132,6 +133,28 @@ def test_fake_quantize_matches_reference(fmt, kwargs, dtype, shape, monkeypatch)
         x = x.clamp(-6e4, 6e4)
     out = fake_quantize(x, fmt, **kwargs)
     assert _bits_equal(out, fake_quantize_reference(x, fmt, **kwargs))
+
+
+@pytest.mark.parametrize("fmt, kwargs", RECIPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_matches_reference(fmt, kwargs, dtype, monkeypatch):
+    # Packed codes (every code 0..15 occurs, -0.0 included), stored block scales and per-tensor scale, chunk by chunk.
+    monkeypatch.setattr(formats, "FAKE_QUANTIZE_CHUNK_ELEMENTS", 2 * 96)
+    x = _wide_range_tensor((5, 96), dtype, seed=2)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4)
+    if fmt == "nvfp4":
+        q = quantize_nvfp4(x, kwargs.get("per_tensor_scale"))
+    else:
+        q = quantize_mxfp4(x, kwargs["mxfp4_scale_mode"])
+    ref = quantize_reference(x, fmt, **kwargs)
+    assert torch.equal(q.packed, ref.packed)
+    assert q.block_scale.dtype == ref.block_scale.dtype
+    assert torch.equal(q.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
+    assert (q.per_tensor_scale is None) == (ref.per_tensor_scale is None)
+    if q.per_tensor_scale is not None:
+        assert torch.equal(q.per_tensor_scale, ref.per_tensor_scale)
+    assert (q.shape, q.dtype) == (ref.shape, ref.dtype)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])

@@ -346,10 +346,32 @@ def quantize_nvfp4(x: torch.Tensor, per_tensor_scale=None, *, name: str = "tenso
             max amax of the group; see `nvfp4_per_tensor_scale`). Default: from `x`'s amax.
         name: names `x` in error messages.
     """
-    validate_for_fp4(x, "nvfp4", name)
-    scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
+    if isinstance(x, torch.Tensor) and x.dtype in _FAST_DTYPES:
+        scales, pts = _validated_chunk_scales(x, "nvfp4", per_tensor_scale, DEFAULT_MXFP4_SCALE_MODE, name)
+        packed, block_scale = _quantize_chunked(x.detach(), BLOCK_SIZE["nvfp4"], scales)
+        return QuantizedFP4("nvfp4", packed, _e4m3_from_normal_f32(block_scale), pts, x.shape, x.dtype)
+    return quantize_reference(x, "nvfp4", per_tensor_scale=per_tensor_scale, name=name)
+
+
+def quantize_reference(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    per_tensor_scale=None,
+    mxfp4_scale_mode: str = DEFAULT_MXFP4_SCALE_MODE,
+    name: str = "tensor",
+) -> QuantizedFP4:
+    """`quantize_nvfp4` / `quantize_mxfp4` step by step on whole fp32 tensors, in torchao's order of operations (used
+    for fp64 inputs, and by the tests as the reference of the chunked path)."""
+    validate_for_fp4(x, fmt, name)
+    if fmt == "nvfp4":
+        scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
+        codes = e2m1_encode(scaled).reshape(x.shape)
+        return QuantizedFP4("nvfp4", pack_fp4(codes), block_scale_fp8, pts, x.shape, x.dtype)
+    _check_scale_mode(mxfp4_scale_mode, name)
+    scaled, biased = _mxfp4_scale_and_scaled(x, mxfp4_scale_mode)
     codes = e2m1_encode(scaled).reshape(x.shape)
-    return QuantizedFP4("nvfp4", pack_fp4(codes), block_scale_fp8, pts, x.shape, x.dtype)
+    return QuantizedFP4("mxfp4", pack_fp4(codes), biased, None, x.shape, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -410,11 +432,12 @@ def quantize_mxfp4(
     - "even": the same after rounding amax to one mantissa bit.
     - "rceil": ceil(log2(amax / 6)); never saturates.
     """
-    validate_for_fp4(x, "mxfp4", name)
     _check_scale_mode(scale_mode, name)
-    scaled, biased = _mxfp4_scale_and_scaled(x, scale_mode)
-    codes = e2m1_encode(scaled).reshape(x.shape)
-    return QuantizedFP4("mxfp4", pack_fp4(codes), biased, None, x.shape, x.dtype)
+    if isinstance(x, torch.Tensor) and x.dtype in _FAST_DTYPES:
+        scales, _ = _validated_chunk_scales(x, "mxfp4", None, scale_mode, name)
+        packed, biased = _quantize_chunked(x.detach(), BLOCK_SIZE["mxfp4"], scales)
+        return QuantizedFP4("mxfp4", packed, biased, None, x.shape, x.dtype)
+    return quantize_reference(x, "mxfp4", mxfp4_scale_mode=scale_mode, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -503,22 +526,34 @@ def fake_quantize(
         return fake_quantize_reference(
             x, fmt, per_tensor_scale=per_tensor_scale, mxfp4_scale_mode=mxfp4_scale_mode, name=name
         )
+    scales, _ = _validated_chunk_scales(x, fmt, per_tensor_scale, mxfp4_scale_mode, name)
+    return _fake_quantize_chunked(x.detach(), BLOCK_SIZE[fmt], scales)
+
+
+def _validated_chunk_scales(x: torch.Tensor, fmt: str, per_tensor_scale, mxfp4_scale_mode: str, name: str):
+    """Validate `x` (NaN/Inf found by the one amax pass over `x`) and return `(scales, per_tensor_scale)`: the
+    per-chunk block-scale function of `_rounded_chunks` and, for NVFP4, the FP32 per-tensor scale (None for MXFP4)."""
     _validate_layout(x, fmt, name)
     low, high = torch.aminmax(x.detach())
     amax = torch.maximum(-low, high).to(torch.float32)
     if not bool(torch.isfinite(amax)):
         _raise_non_finite(x, fmt, name)
-    if fmt == "nvfp4":
-        if per_tensor_scale is None:
-            pts = nvfp4_per_tensor_scale(amax)
-            if float(pts) == 0.0:  # all zero: see `_nvfp4_scale_and_scaled`
-                pts = torch.ones((), dtype=torch.float32, device=x.device)
-        else:
-            pts = _as_per_tensor_scale(per_tensor_scale, name).to(x.device)
-        scales = functools.partial(_nvfp4_chunk_scales, pts=pts)
+    if fmt == "mxfp4":
+        return functools.partial(_mxfp4_chunk_scales, scale_mode=mxfp4_scale_mode), None
+    if per_tensor_scale is None:
+        pts = nvfp4_per_tensor_scale(amax)
+        if float(pts) == 0.0:  # all zero: see `_nvfp4_scale_and_scaled`
+            pts = torch.ones((), dtype=torch.float32, device=x.device)
     else:
-        scales = functools.partial(_mxfp4_chunk_scales, scale_mode=mxfp4_scale_mode)
-    return _fake_quantize_chunked(x.detach(), BLOCK_SIZE[fmt], scales)
+        pts = _as_per_tensor_scale(per_tensor_scale, name).to(x.device)
+    return functools.partial(_nvfp4_chunk_scales, pts=pts), pts
+
+
+def _e4m3_from_normal_f32(x: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn tensor of fp32 values that are E4M3 normals (>= 2^-6, <= 448): the bits, rebiased (exponent bias
+    127 -> 7) and shifted, without torch's slow scalar fp8 cast."""
+    bits = (x.view(torch.int32) >> _E4M3_DROPPED_BITS) - ((E8M0_BIAS - 7) << 3)
+    return bits.to(torch.uint8).view(torch.float8_e4m3fn)
 
 
 def fake_quantize_reference(
@@ -548,10 +583,11 @@ FAKE_QUANTIZE_CHUNK_ELEMENTS = 1 << 18
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _nvfp4_chunk_scales(block_amax: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 (multiplier into the E2M1 range, dequantization scale) per block, as `_nvfp4_scale_and_scaled`."""
+def _nvfp4_chunk_scales(block_amax: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """NVFP4 (multiplier into the E2M1 range, dequantization scale, fp32 E4M3 block scale) per block, as
+    `_nvfp4_scale_and_scaled`."""
     block_scale = _round_to_e4m3_normal_f32(((block_amax / E2M1_MAX) / pts).clamp(min=E4M3_MIN_NORMAL, max=E4M3_MAX))
-    return (1.0 / pts) / block_scale, pts * block_scale
+    return (1.0 / pts) / block_scale, pts * block_scale, block_scale
 
 
 _E4M3_DROPPED_BITS = _F32_MANTISSA_BITS - 3  # E4M3 keeps 3 of fp32's 23 mantissa bits
@@ -566,8 +602,9 @@ def _round_to_e4m3_normal_f32(x: torch.Tensor) -> torch.Tensor:
     return rounded.view(torch.float32)
 
 
-def _mxfp4_chunk_scales(block_amax: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4 (multiplier into the E2M1 range, dequantization scale) per block, as `_mxfp4_scale_and_scaled`.
+def _mxfp4_chunk_scales(block_amax: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, ...]:
+    """MXFP4 (multiplier into the E2M1 range, dequantization scale, biased E8M0 exponent) per block, as
+    `_mxfp4_scale_and_scaled`.
 
     The multiplier is exact: torchao divides by a power of two 2^k (k >= -126), the same as multiplying by 2^-k.
     """
@@ -583,20 +620,20 @@ def _mxfp4_chunk_scales(block_amax: torch.Tensor, scale_mode: str) -> tuple[torc
         biased = (unbiased.clamp(min=-E8M0_BIAS, max=E8M0_BIAS + 1) + E8M0_BIAS).to(torch.uint8)
         multiplier = 1.0 / _pow2_from_biased(biased).clamp(min=_F32_MIN_NORMAL)
     scale = torch.exp2(biased.to(torch.float32) - E8M0_BIAS)
-    return multiplier, torch.where(biased == E8M0_NAN, float("nan"), scale)
+    return multiplier, torch.where(biased == E8M0_NAN, float("nan"), scale), biased
 
 
-def _fake_quantize_chunked(x: torch.Tensor, block: int, scales) -> torch.Tensor:
-    """Quantize-dequantize `x` chunk of rows by chunk of rows, in place in three reused fp32/int32 buffers.
+def _rounded_chunks(x: torch.Tensor, block: int, scales):
+    """Yield `(start, magnitudes, signs, scale, stored_scale)` for each chunk of rows of `x` (reused buffers, valid until
+    the next chunk): the fp32 magnitudes already scaled into the E2M1 range and rounded, their sign bits (int32), the
+    dequantization scale and the stored block scale of each block.
 
-    Per chunk: fp32 copy, sign bits set aside, magnitudes, block amax, `scales(block_amax)` -> (multiplier, scale),
-    scale into the E2M1 range, round (`_round_e2m1_magnitude_`), multiply by the dequantization scale, restore the
-    signs, cast into the output. Every fp32 operation is torchao's, on the same operands, in the same order (the
-    sign is applied last, which changes nothing: both products are exact up to the same fp32 rounding of |x|).
+    Per chunk: fp32 copy, sign bits set aside, magnitudes, block amax, `scales(block_amax)` -> (multiplier, scale,
+    stored), multiply into the E2M1 range, round (`_round_e2m1_magnitude_`). Every fp32 operation is torchao's, on the
+    same operands, in the same order, on |x| instead of x, which rounds symmetrically.
     """
     n = x.shape[-1]
     rows = x.reshape(-1, n)
-    out = torch.empty_like(rows)
     chunk_rows = max(1, FAKE_QUANTIZE_CHUNK_ELEMENTS // n)
     buffer_rows = min(chunk_rows, rows.shape[0])
     work = torch.empty(buffer_rows, n, dtype=torch.float32, device=x.device)
@@ -610,17 +647,60 @@ def _fake_quantize_chunked(x: torch.Tensor, block: int, scales) -> torch.Tensor:
         bits = a.view(torch.int32)
         torch.bitwise_and(bits, _F32_SIGN_BIT, out=sign)
         bits.bitwise_and_(~_F32_SIGN_BIT)  # |x|
-        blocks = a.view(k, n // block, block)
         # The largest magnitude of each block, as the largest bit pattern (the same order for non-negative floats;
         # an int32 max is several times faster than a float max on CPU).
         block_amax = bits.view(k, n // block, block).amax(dim=-1).view(torch.float32)
-        multiplier, scale = scales(block_amax)
-        blocks.mul_(multiplier.unsqueeze(-1))
+        multiplier, scale, stored = scales(block_amax)
+        a.view(k, n // block, block).mul_(multiplier.unsqueeze(-1))
         _round_e2m1_magnitude_(a, m)
-        blocks.mul_(scale.unsqueeze(-1))
-        bits.bitwise_or_(sign)
+        yield start, a, sign, scale, stored
+
+
+def _fake_quantize_chunked(x: torch.Tensor, block: int, scales) -> torch.Tensor:
+    """Quantize-dequantize `x` chunk by chunk (`_rounded_chunks`): multiply the rounded magnitudes by the scale,
+    restore the signs (the products are exact up to the same fp32 rounding either way) and cast into the output."""
+    n = x.shape[-1]
+    out = torch.empty_like(x).reshape(-1, n)
+    for start, a, sign, scale, _ in _rounded_chunks(x, block, scales):
+        k = a.shape[0]
+        a.view(k, n // block, block).mul_(scale.unsqueeze(-1))
+        a.view(torch.int32).bitwise_or_(sign)
         out[start : start + k].copy_(a)
     return out.reshape(x.shape)
+
+
+_E2M1_ONE_INDEX_SHIFT = _F32_MANTISSA_BITS - 1  # bits >> 22 of an E2M1 value >= 1 is its index + 252
+_E2M1_ONE_INDEX_OFFSET = 252  # 1.0 (biased exponent 127, mantissa bit 0: bits >> 22 = 254) is index 2
+
+
+def _quantize_chunked(x: torch.Tensor, block: int, scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed E2M1 codes (uint8 [..., n / 2]) and stored block scales ([..., n / block]) of `x`, chunk by chunk.
+
+    The index of a rounded magnitude r is read from its fp32 bits: `(bits >> 22) - 252` for r >= 1 (exponent and the
+    one mantissa bit), and `min(2 r, 1)` for r in {0, 0.5}; the larger of the two is the index in both cases.
+    """
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    packed = torch.empty(rows.shape[0], n // 2, dtype=torch.uint8, device=x.device)
+    stored_chunks = []
+    index = small = None
+    for start, a, sign, _, stored in _rounded_chunks(x, block, scales):
+        k = a.shape[0]
+        if index is None:
+            index = torch.empty(a.shape, dtype=torch.int32, device=x.device)
+            small = torch.empty(a.shape, dtype=torch.int32, device=x.device)
+        idx, low = index[:k], small[:k]
+        torch.bitwise_right_shift(a.view(torch.int32), _E2M1_ONE_INDEX_SHIFT, out=idx)
+        idx.sub_(_E2M1_ONE_INDEX_OFFSET)
+        low.copy_(a.mul_(2.0).clamp_(max=1.0))  # a is no longer needed: 0 -> 0, 0.5 -> 1, anything >= 1 -> 1
+        torch.maximum(idx, low, out=idx)
+        idx.bitwise_or_(sign.bitwise_right_shift_(28).bitwise_and_(8))  # the sign bit -> bit 3 of the code
+        codes = idx.view(k, n // 2, 2)
+        torch.bitwise_or(codes[..., 0], codes[..., 1] << 4, out=low.view(-1)[: k * n // 2].view(k, n // 2))
+        packed[start : start + k].copy_(low.view(-1)[: k * n // 2].view(k, n // 2))
+        stored_chunks.append(stored)
+    scales_out = torch.cat(stored_chunks).reshape(*x.shape[:-1], n // block)
+    return packed.reshape(*x.shape[:-1], n // 2), scales_out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

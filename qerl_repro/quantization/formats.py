@@ -476,6 +476,8 @@ def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tenso
     """
     _check_format(q.fmt, "QuantizedFP4")
     dtype = q.dtype if dtype is None else dtype
+    if dtype in _TABLE_WORD_DTYPE and (q.fmt == "mxfp4" or q.block_scale.dtype == torch.float8_e4m3fn):
+        return _dequantize_by_scaled_table(q, dtype)
     block = BLOCK_SIZE[q.fmt]
     values = _decode_packed_fp4_scratch(q.packed).reshape(*q.shape[:-1], q.shape[-1] // block, block)
     scale = _block_scales_f32(q).unsqueeze(-1)
@@ -483,6 +485,45 @@ def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tenso
         return (values * scale).to(dtype).reshape(q.shape)
     out = torch.empty(values.shape, dtype=dtype, device=values.device)
     return torch.mul(values, scale, out=out).reshape(q.shape)
+
+
+# The two dequantized values of one packed byte, as one word: two 2-byte or two 4-byte floats.
+_TABLE_WORD_DTYPE = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
+
+
+def _scaled_byte_table(q: QuantizedFP4, dtype: torch.dtype) -> torch.Tensor:
+    """[256 * 256] words: entry `scale_code * 256 + byte` holds the two values of `byte` dequantized with the block
+    scale whose stored code (E4M3 or E8M0 bit pattern) is `scale_code`, rounded to `dtype` exactly as `dequantize`
+    rounds them (fp32 product, one rounding)."""
+    codes = torch.arange(256, dtype=torch.uint8, device=q.packed.device)
+    if q.fmt == "nvfp4":
+        scale = q.per_tensor_scale * _e4m3_lut(codes.device)  # QeRL (Eq. 6): S_fp32 * S_fp8, every E4M3 code
+    else:
+        scale = torch.exp2(codes.to(torch.float32) - E8M0_BIAS)  # every E8M0 code
+        scale = torch.where(codes == E8M0_NAN, float("nan"), scale)
+    pairs = _packed_byte_lut(codes.device).view(torch.float32).view(1, 256, 2)
+    table = torch.empty(256, 256, 2, dtype=dtype, device=codes.device)
+    torch.mul(pairs, scale.view(256, 1, 1), out=table)
+    return table.view(_TABLE_WORD_DTYPE[dtype]).reshape(-1)
+
+
+def _dequantize_by_scaled_table(q: QuantizedFP4, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` with one lookup per packed byte in a table of pre-scaled value pairs (`_scaled_byte_table`).
+
+    A layer has at most 256 distinct block scales, so the 65536 products of (scale, byte) are computed once per call
+    and every byte of the weight is then one 1-D `index_select` straight into the output: no fp32 intermediate the
+    size of the weight and no separate scaling pass (this runs in every forward and backward of `FP4Linear`).
+    """
+    bytes_per_block = BLOCK_SIZE[q.fmt] // 2
+    packed = q.packed.reshape(-1, bytes_per_block)
+    index = _scratch_buffer("index", packed.numel(), torch.int32, packed.device).view(packed.shape)
+    index.copy_(packed)
+    scale_codes = q.block_scale.view(torch.uint8).reshape(-1, 1).to(torch.int32)
+    index.bitwise_or_(scale_codes.bitwise_left_shift_(8))
+    out = torch.empty(q.shape, dtype=dtype, device=packed.device)
+    words = out.view(_TABLE_WORD_DTYPE[dtype]).view(-1)
+    torch.index_select(_scaled_byte_table(q, dtype), 0, index.view(-1), out=words)
+    return out
 
 
 def dequantize_reference(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tensor:

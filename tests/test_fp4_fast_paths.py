@@ -214,3 +214,14 @@ def test_e4m3_table_matches_torch_cast_on_every_code():
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
     out, ref = formats._e4m3_to_f32(codes), codes.to(torch.float32)
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # bit patterns: NaNs, -0.0 and subnormals too
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_e8m0_nan_code(out_dtype):
+    # E8M0 255 is NaN (OCP MX): the block dequantizes to NaN, the others do not change.
+    q = quantize_mxfp4(_wide_range_tensor((2, 64), torch.bfloat16, seed=5))
+    q.block_scale[1, 0] = formats.E8M0_NAN
+    out, ref = dequantize(q, out_dtype), dequantize_reference(q, out_dtype)
+    assert torch.isnan(out[1, :32]).all() and not torch.isnan(out[1, 32:]).any() and not torch.isnan(out[0]).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(out.nan_to_num(0.0), ref.nan_to_num(0.0))

@@ -15,8 +15,10 @@ Quantization benches:
   one LoRA forward+backward step on an NVFP4 vs a bf16 base, each in a fresh subprocess.
 - `fake_quantize_speed`: elements/s of `qerl_repro.quantization.fake_quantize` vs torchao's reference
   (quantize + dequantize) on a 4096x4096 bf16 tensor, medians over repeats (target: >= 10x, bit-identical).
-- `dequantize_speed`: `FP4Linear`'s per-forward NVFP4 dequantization (packed-byte table vs nibble decode) on SmolLM2's
-  largest Linear shape, and its share of that layer's forward+backward on a demo micro-batch.
+- `dequantize_speed`: `FP4Linear`'s per-forward NVFP4 dequantization (pre-scaled byte table vs nibble decode) on
+  SmolLM2's largest Linear shape, and its share of that layer's forward+backward on a demo micro-batch.
+
+`qerl_repro.bench_speed` adds `lora_step_speed` (LoRA micro-step time and peak RSS, NVFP4 base vs bf16 base).
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ def fake_quantize_speed(repeats: int = 5) -> dict:
 
 @register_bench("dequantize_speed")
 def dequantize_speed(repeats: int = 11) -> dict:
-    """`FP4Linear`'s per-forward dequantization: packed-byte table (`decode_packed_fp4`) vs nibble unpack + decode.
+    """`FP4Linear`'s per-forward dequantization (`formats.dequantize`: pre-scaled packed-byte table) vs nibble decode.
 
     On SmolLM2's largest Linear shape (1536 x 576, bf16, NVFP4), and its share of one LoRA-free forward+backward of a
     batch of 8 x 330 tokens (a demo micro-batch) through that layer.

@@ -469,10 +469,11 @@ def _block_scales_f32(q: QuantizedFP4) -> torch.Tensor:
 def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize to `dtype` (default: the original dtype), exactly as torchao's `dequantize(dtype)` does.
 
-    Two passes over the weight: decode the packed bytes to fp32 values, then multiply by the fp32 block scales and
-    round once to `dtype` in the same pass (`torch.mul(..., out=...)` computes in fp32 and casts on store). That is
-    torchao's result: NVFP4 multiplies in fp32 and casts; MXFP4 multiplies in the output dtype, which for bf16 is
-    also an fp32 product rounded once (its scales are powers of two, so the fp32 product is exact anyway).
+    Every value is the fp32 product `E2M1 value * fp32 block scale`, rounded once to `dtype`. That is torchao's result:
+    NVFP4 multiplies in fp32 and casts; MXFP4 multiplies in the output dtype, which for bf16 is also an fp32 product
+    rounded once (its scales are powers of two, so the fp32 product is exact anyway). For bf16 / fp16 / fp32 outputs
+    the products come from a table of all (block scale, byte) pairs (`_dequantize_by_scaled_table`, one lookup per
+    byte); otherwise the bytes are decoded to fp32 and multiplied (`torch.mul(..., out=...)` casts on store).
     """
     _check_format(q.fmt, "QuantizedFP4")
     dtype = q.dtype if dtype is None else dtype

@@ -156,7 +156,10 @@ _scratch = threading.local()
 
 
 def _scratch_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable 1-D buffer of at least `numel` elements, per thread (grown, never shrunk)."""
+    """A reusable 1-D buffer of at least `numel` elements, per thread (grown, never shrunk), on CPU; elsewhere a new
+    tensor (CUDA's caching allocator already reuses memory without page faults)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
     buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
         buffer = torch.empty(numel, dtype=dtype, device=device)

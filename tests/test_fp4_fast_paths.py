@@ -225,21 +225,3 @@ def test_dequantize_e8m0_nan_code(out_dtype):
     assert torch.isnan(out[1, :32]).all() and not torch.isnan(out[1, 32:]).any() and not torch.isnan(out[0]).any()
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(out.nan_to_num(0.0), ref.nan_to_num(0.0))
-
-
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_dequantize_split_over_threads_is_identical(fmt, monkeypatch):
-    # The table lookup is split over torch's thread count (here 3 pieces of a 1536-row layer); same bits as one piece.
-    x = (0.02 * torch.randn(1536, 576, generator=torch.Generator().manual_seed(6))).to(torch.bfloat16)
-    q = quantize_nvfp4(x) if fmt == "nvfp4" else quantize_mxfp4(x)
-    single = dequantize(q)
-    monkeypatch.setattr(formats, "PARALLEL_LOOKUP_MIN_BYTES", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        split = dequantize(q)
-        assert formats._lookup_pool is not None and formats._lookup_pool[1] == 2  # the split path ran
-    finally:
-        torch.set_num_threads(threads)
-    assert _bits_equal(split, single)
-    assert _bits_equal(single, dequantize_reference(q))

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -528,39 +526,8 @@ def _dequantize_by_scaled_table(q: QuantizedFP4, dtype: torch.dtype) -> torch.Te
     index.bitwise_or_(scale_codes.bitwise_left_shift_(8))
     out = torch.empty(q.shape, dtype=dtype, device=packed.device)
     words = out.view(_TABLE_WORD_DTYPE[dtype]).view(-1)
-    _parallel_index_select(_scaled_byte_table(q, dtype), index.view(-1), words)
+    torch.index_select(_scaled_byte_table(q, dtype), 0, index.view(-1), out=words)
     return out
-
-
-# Lookups below this many bytes run in the calling thread: splitting them costs more than it saves.
-PARALLEL_LOOKUP_MIN_BYTES = 1 << 17
-_lookup_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _parallel_index_select(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    """`torch.index_select(table, 0, index, out=out)`, split over torch's intra-op thread count on CPU.
-
-    ATen's 1-D `index_select` runs on one thread whatever `torch.get_num_threads()` says, while the matmuls around
-    it use them all; the pieces run in a small thread pool (ATen releases the GIL), each writing its own slice of
-    `out`. The pool is rebuilt after a fork (threads do not survive one) or when the thread count changes.
-    """
-    global _lookup_pool
-    threads = torch.get_num_threads()
-    if threads <= 1 or index.numel() < PARALLEL_LOOKUP_MIN_BYTES or index.device.type != "cpu":
-        torch.index_select(table, 0, index, out=out)
-        return
-    if _lookup_pool is None or _lookup_pool[:2] != (os.getpid(), threads - 1):
-        _lookup_pool = (os.getpid(), threads - 1, ThreadPoolExecutor(threads - 1, thread_name_prefix="qerl-fp4"))
-    bounds = [index.numel() * i // threads for i in range(threads + 1)]
-    pieces = [
-        _lookup_pool[2].submit(
-            torch.index_select, table, 0, index[bounds[i] : bounds[i + 1]], out=out[bounds[i] : bounds[i + 1]]
-        )
-        for i in range(1, threads)
-    ]
-    torch.index_select(table, 0, index[: bounds[1]], out=out[: bounds[1]])
-    for piece in pieces:
-        piece.result()
 
 
 def dequantize_reference(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,35 @@ def _e2m1_lut(device: torch.device) -> torch.Tensor:
     return torch.cat([mags, -mags])
 
 
+_F32_SIGN_BIT = -(2**31)  # 0x80000000 as an int32
+_F32_EXPONENT_BITS = 0x7F800000
+# Adding 2^22 * 2^floor(log2(max(a, 1))) to a magnitude a in [0, 6] rounds it (fp32 addition, ties to even) to a
+# multiple of 0.5 below 2, of 1 in [2, 4) and of 2 in [4, 6]: the E2M1 grid. The exponent of that magic number is the
+# exponent of max(a, 1) plus 22.
+_E2M1_MAGIC_EXPONENT_OFFSET = 22 << _F32_MANTISSA_BITS
+
+
+def _round_e2m1_magnitude_(a: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Round fp32 magnitudes `a` (>= 0, no NaN) in place to E2M1 (ties to even, saturating at 6); returns `a`.
+
+    Arithmetic instead of a table lookup, so it runs as a few vectorised passes: clamp to 6, build the magic number
+    of each element in `scratch` (fp32, same shape), then `(a + magic) - magic`. Equal to the midpoint thresholds of
+    `_e2m1_index` on every fp32 input (tested against it and against torchao on a dense sweep).
+    """
+    a.clamp_(max=E2M1_MAX)
+    torch.clamp(a, min=1.0, out=scratch)
+    magic = scratch.view(torch.int32)
+    magic.bitwise_and_(_F32_EXPONENT_BITS).add_(_E2M1_MAGIC_EXPONENT_OFFSET)
+    return a.add_(scratch).sub_(scratch)
+
+
 def _e2m1_round_f32(x32: torch.Tensor) -> torch.Tensor:
+    rounded = _round_e2m1_magnitude_(x32.abs(), torch.empty_like(x32))
+    return torch.copysign(rounded, x32)
+
+
+def _e2m1_round_f32_table(x32: torch.Tensor) -> torch.Tensor:
+    """`_e2m1_round_f32` by midpoint thresholds and a table lookup: the independent reference of the tests."""
     mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x32.device)
     return torch.copysign(mags[_e2m1_index(x32)], x32)
 
@@ -104,20 +133,52 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _packed_byte_lut(device: torch.device) -> torch.Tensor:
-    """[256, 2] float32: the two E2M1 values (low nibble first) of every packed byte (built once per device)."""
+    """[256] int64: the two float32 E2M1 values of every packed byte (low nibble first) as one 8-byte word each, so
+    that decoding is a 1-D `index_select` of 8-byte scalars (built once per device)."""
     codes = torch.arange(256, device=device)
     lut = _e2m1_lut(device)
-    return torch.stack([lut[codes & 0x0F], lut[codes >> 4]], dim=-1)
+    pairs = torch.stack([lut[codes & 0x0F], lut[codes >> 4]], dim=-1).contiguous()
+    return pairs.view(torch.int64).reshape(256)
 
 
 def decode_packed_fp4(packed: torch.Tensor) -> torch.Tensor:
     """float32 values [..., 2k] of packed bytes [..., k]; equal to `e2m1_decode(unpack_fp4(packed))`.
 
-    One lookup per byte in a cached 256-entry table (`F.embedding` with int32 indices): faster than unpacking
-    and decoding nibbles on CPU, which matters because `FP4Linear` dequantizes in every forward and backward.
+    One lookup per byte in a cached 256-entry table of value pairs (`index_select` on a 1-D int64 table with int32
+    indices; 5-50x faster on CPU than `F.embedding` on a [256, 2] table, which copies rows one by one): this runs in
+    every forward and backward of `FP4Linear`.
     """
-    values = torch.nn.functional.embedding(packed.to(torch.int32), _packed_byte_lut(packed.device))
-    return values.flatten(-2)
+    words = _packed_byte_lut(packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+    return words.view(torch.float32).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable 1-D buffer of at least `numel` elements, per thread (grown, never shrunk), on CPU; elsewhere a new
+    tensor (CUDA's caching allocator already reuses memory without page faults)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel]
+
+
+def _decode_packed_fp4_scratch(packed: torch.Tensor) -> torch.Tensor:
+    """`decode_packed_fp4` into per-thread scratch buffers (the result is overwritten by the next call).
+
+    `FP4Linear` dequantizes every layer in every forward and backward: reusing the index and value buffers instead of
+    allocating them each time saves the page faults of fresh memory, a large part of the decode's cost on CPU.
+    """
+    numel = packed.numel()
+    index = _scratch_buffer("index", numel, torch.int32, packed.device)
+    index.copy_(packed.reshape(-1))
+    words = _scratch_buffer("words", numel, torch.int64, packed.device)
+    torch.index_select(_packed_byte_lut(packed.device), 0, index, out=words)
+    return words.view(torch.float32).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -190,6 +251,13 @@ def validate_for_fp4(x: torch.Tensor, fmt: str, name: str = "tensor") -> None:
     dimension a multiple of the block size (16 for NVFP4, 32 for MXFP4), and no NaN or Inf (the reference
     implementations turn them silently into NaN blocks, a NaN tensor, or finite garbage).
     """
+    _validate_layout(x, fmt, name)
+    if not bool(torch.isfinite(x).all()):
+        _raise_non_finite(x, fmt, name)
+
+
+def _validate_layout(x: torch.Tensor, fmt: str, name: str) -> None:
+    """`validate_for_fp4` without the NaN/Inf check (which `fake_quantize` folds into its amax pass)."""
     _check_format(fmt, name)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor to quantize to {fmt}, got {type(x).__name__}.")
@@ -208,14 +276,16 @@ def validate_for_fp4(x: torch.Tensor, fmt: str, name: str = "tensor") -> None:
             f"{name}: the last dimension ({x.shape[-1]}, shape {tuple(x.shape)}) must be a multiple of the {fmt} "
             f"block size {block}."
         )
+
+
+def _raise_non_finite(x: torch.Tensor, fmt: str, name: str) -> None:
     finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        num_nan = int(torch.isnan(x).sum())
-        num_inf = int((~finite).sum()) - num_nan
-        raise ValueError(
-            f"{name}: cannot quantize to {fmt}: the tensor (shape {tuple(x.shape)}) contains {num_nan} NaN and "
-            f"{num_inf} Inf values out of {x.numel()}."
-        )
+    num_nan = int(torch.isnan(x).sum())
+    num_inf = int((~finite).sum()) - num_nan
+    raise ValueError(
+        f"{name}: cannot quantize to {fmt}: the tensor (shape {tuple(x.shape)}) contains {num_nan} NaN and "
+        f"{num_inf} Inf values out of {x.numel()}."
+    )
 
 
 def _as_per_tensor_scale(per_tensor_scale, name: str) -> torch.Tensor:
@@ -279,10 +349,32 @@ def quantize_nvfp4(x: torch.Tensor, per_tensor_scale=None, *, name: str = "tenso
             max amax of the group; see `nvfp4_per_tensor_scale`). Default: from `x`'s amax.
         name: names `x` in error messages.
     """
-    validate_for_fp4(x, "nvfp4", name)
-    scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
+    if isinstance(x, torch.Tensor) and x.dtype in _FAST_DTYPES:
+        scales, pts = _validated_chunk_scales(x, "nvfp4", per_tensor_scale, DEFAULT_MXFP4_SCALE_MODE, name)
+        packed, block_scale = _quantize_chunked(x.detach(), BLOCK_SIZE["nvfp4"], scales)
+        return QuantizedFP4("nvfp4", packed, _e4m3_from_normal_f32(block_scale), pts, x.shape, x.dtype)
+    return quantize_reference(x, "nvfp4", per_tensor_scale=per_tensor_scale, name=name)
+
+
+def quantize_reference(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    per_tensor_scale=None,
+    mxfp4_scale_mode: str = DEFAULT_MXFP4_SCALE_MODE,
+    name: str = "tensor",
+) -> QuantizedFP4:
+    """`quantize_nvfp4` / `quantize_mxfp4` step by step on whole fp32 tensors, in torchao's order of operations (used
+    for fp64 inputs, and by the tests as the reference of the chunked path)."""
+    validate_for_fp4(x, fmt, name)
+    if fmt == "nvfp4":
+        scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
+        codes = e2m1_encode(scaled).reshape(x.shape)
+        return QuantizedFP4("nvfp4", pack_fp4(codes), block_scale_fp8, pts, x.shape, x.dtype)
+    _check_scale_mode(mxfp4_scale_mode, name)
+    scaled, biased = _mxfp4_scale_and_scaled(x, mxfp4_scale_mode)
     codes = e2m1_encode(scaled).reshape(x.shape)
-    return QuantizedFP4("nvfp4", pack_fp4(codes), block_scale_fp8, pts, x.shape, x.dtype)
+    return QuantizedFP4("mxfp4", pack_fp4(codes), biased, None, x.shape, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,11 +435,12 @@ def quantize_mxfp4(
     - "even": the same after rounding amax to one mantissa bit.
     - "rceil": ceil(log2(amax / 6)); never saturates.
     """
-    validate_for_fp4(x, "mxfp4", name)
     _check_scale_mode(scale_mode, name)
-    scaled, biased = _mxfp4_scale_and_scaled(x, scale_mode)
-    codes = e2m1_encode(scaled).reshape(x.shape)
-    return QuantizedFP4("mxfp4", pack_fp4(codes), biased, None, x.shape, x.dtype)
+    if isinstance(x, torch.Tensor) and x.dtype in _FAST_DTYPES:
+        scales, _ = _validated_chunk_scales(x, "mxfp4", None, scale_mode, name)
+        packed, biased = _quantize_chunked(x.detach(), BLOCK_SIZE["mxfp4"], scales)
+        return QuantizedFP4("mxfp4", packed, biased, None, x.shape, x.dtype)
+    return quantize_reference(x, "mxfp4", mxfp4_scale_mode=scale_mode, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,12 +448,95 @@ def quantize_mxfp4(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _e4m3_lut(device: torch.device) -> torch.Tensor:
+    """[256] float32: the value of every float8_e4m3fn bit pattern (built once per device)."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _e4m3_to_f32(x: torch.Tensor) -> torch.Tensor:
+    """`x.to(torch.float32)` for a float8_e4m3fn tensor by table lookup (torch's fp8 cast is a slow scalar loop)."""
+    index = x.view(torch.uint8).reshape(-1).to(torch.int32)
+    return _e4m3_lut(x.device).index_select(0, index).reshape(x.shape)
+
+
+def _block_scales_f32(q: QuantizedFP4) -> torch.Tensor:
+    """fp32 multiplier of each block [..., n / block]: NVFP4 `pts * s_b`, MXFP4 `2^(e - 127)` (NaN for e = 255)."""
+    if q.fmt == "nvfp4":
+        # QeRL (Eq. 6): W_hat = W_fp4 * S_fp8 * S_fp32, one E4M3 scale per block of 16 and one FP32 scale per tensor.
+        return q.per_tensor_scale * _e4m3_to_f32(q.block_scale)
+    scale = torch.exp2(q.block_scale.to(torch.float32) - E8M0_BIAS)
+    return torch.where(q.block_scale == E8M0_NAN, float("nan"), scale)
+
+
 def dequantize(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize to `dtype` (default: the original dtype), exactly as torchao's `dequantize(dtype)` does."""
+    """Dequantize to `dtype` (default: the original dtype), exactly as torchao's `dequantize(dtype)` does.
+
+    Every value is the fp32 product `E2M1 value * fp32 block scale`, rounded once to `dtype`. That is torchao's result:
+    NVFP4 multiplies in fp32 and casts; MXFP4 multiplies in the output dtype, which for bf16 is also an fp32 product
+    rounded once (its scales are powers of two, so the fp32 product is exact anyway). For bf16 / fp16 / fp32 outputs
+    the products come from a table of all (block scale, byte) pairs (`_dequantize_by_scaled_table`, one lookup per
+    byte); otherwise the bytes are decoded to fp32 and multiplied (`torch.mul(..., out=...)` casts on store).
+    """
+    _check_format(q.fmt, "QuantizedFP4")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype in _TABLE_WORD_DTYPE and (q.fmt == "mxfp4" or q.block_scale.dtype == torch.float8_e4m3fn):
+        return _dequantize_by_scaled_table(q, dtype)
+    block = BLOCK_SIZE[q.fmt]
+    values = _decode_packed_fp4_scratch(q.packed).reshape(*q.shape[:-1], q.shape[-1] // block, block)
+    scale = _block_scales_f32(q).unsqueeze(-1)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return (values * scale).to(dtype).reshape(q.shape)
+    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    return torch.mul(values, scale, out=out).reshape(q.shape)
+
+
+# The two dequantized values of one packed byte, as one word: two 2-byte or two 4-byte floats.
+_TABLE_WORD_DTYPE = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
+
+
+def _scaled_byte_table(q: QuantizedFP4, dtype: torch.dtype) -> torch.Tensor:
+    """[256 * 256] words: entry `scale_code * 256 + byte` holds the two values of `byte` dequantized with the block
+    scale whose stored code (E4M3 or E8M0 bit pattern) is `scale_code`, rounded to `dtype` exactly as `dequantize`
+    rounds them (fp32 product, one rounding)."""
+    codes = torch.arange(256, dtype=torch.uint8, device=q.packed.device)
+    if q.fmt == "nvfp4":
+        scale = q.per_tensor_scale * _e4m3_lut(codes.device)  # QeRL (Eq. 6): S_fp32 * S_fp8, every E4M3 code
+    else:
+        scale = torch.exp2(codes.to(torch.float32) - E8M0_BIAS)  # every E8M0 code
+        scale = torch.where(codes == E8M0_NAN, float("nan"), scale)
+    pairs = _packed_byte_lut(codes.device).view(torch.float32).view(1, 256, 2)
+    table = torch.empty(256, 256, 2, dtype=dtype, device=codes.device)
+    torch.mul(pairs, scale.view(256, 1, 1), out=table)
+    return table.view(_TABLE_WORD_DTYPE[dtype]).reshape(-1)
+
+
+def _dequantize_by_scaled_table(q: QuantizedFP4, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` with one lookup per packed byte in a table of pre-scaled value pairs (`_scaled_byte_table`).
+
+    A layer has at most 256 distinct block scales, so the 65536 products of (scale, byte) are computed once per call
+    and every byte of the weight is then one 1-D `index_select` straight into the output: no fp32 intermediate the
+    size of the weight and no separate scaling pass (this runs in every forward and backward of `FP4Linear`).
+    """
+    bytes_per_block = BLOCK_SIZE[q.fmt] // 2
+    packed = q.packed.reshape(-1, bytes_per_block)
+    index = _scratch_buffer("index", packed.numel(), torch.int32, packed.device).view(packed.shape)
+    index.copy_(packed)
+    scale_codes = q.block_scale.view(torch.uint8).reshape(-1, 1).to(torch.int32)
+    index.bitwise_or_(scale_codes.bitwise_left_shift_(8))
+    out = torch.empty(q.shape, dtype=dtype, device=packed.device)
+    words = out.view(_TABLE_WORD_DTYPE[dtype]).view(-1)
+    torch.index_select(_scaled_byte_table(q, dtype), 0, index.view(-1), out=words)
+    return out
+
+
+def dequantize_reference(q: QuantizedFP4, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dequantize` by unpacking nibbles and decoding each code, in torchao's order of operations (the independent
+    reference of the tests; slow)."""
     _check_format(q.fmt, "QuantizedFP4")
     dtype = q.dtype if dtype is None else dtype
     block = BLOCK_SIZE[q.fmt]
-    values = decode_packed_fp4(q.packed).reshape(*q.shape[:-1], q.shape[-1] // block, block)
+    values = e2m1_decode(unpack_fp4(q.packed)).reshape(*q.shape[:-1], q.shape[-1] // block, block)
     if q.fmt == "nvfp4":
         out = _nvfp4_dequantize_values(values, q.block_scale, q.per_tensor_scale).to(dtype)
     else:
@@ -389,6 +565,52 @@ def fake_quantize(
         mxfp4_scale_mode: MXFP4 only: "floor", "even" or "rceil".
         name: names `x` in error messages.
     """
+    if fmt == "mxfp4":
+        _check_scale_mode(mxfp4_scale_mode, name)
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FAST_DTYPES:
+        return fake_quantize_reference(
+            x, fmt, per_tensor_scale=per_tensor_scale, mxfp4_scale_mode=mxfp4_scale_mode, name=name
+        )
+    scales, _ = _validated_chunk_scales(x, fmt, per_tensor_scale, mxfp4_scale_mode, name)
+    return _fake_quantize_chunked(x.detach(), BLOCK_SIZE[fmt], scales)
+
+
+def _validated_chunk_scales(x: torch.Tensor, fmt: str, per_tensor_scale, mxfp4_scale_mode: str, name: str):
+    """Validate `x` (NaN/Inf found by the one amax pass over `x`) and return `(scales, per_tensor_scale)`: the
+    per-chunk block-scale function of `_rounded_chunks` and, for NVFP4, the FP32 per-tensor scale (None for MXFP4)."""
+    _validate_layout(x, fmt, name)
+    low, high = torch.aminmax(x.detach())
+    amax = torch.maximum(-low, high).to(torch.float32)
+    if not bool(torch.isfinite(amax)):
+        _raise_non_finite(x, fmt, name)
+    if fmt == "mxfp4":
+        return functools.partial(_mxfp4_chunk_scales, scale_mode=mxfp4_scale_mode), None
+    if per_tensor_scale is None:
+        pts = nvfp4_per_tensor_scale(amax)
+        if float(pts) == 0.0:  # all zero: see `_nvfp4_scale_and_scaled`
+            pts = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        pts = _as_per_tensor_scale(per_tensor_scale, name).to(x.device)
+    return functools.partial(_nvfp4_chunk_scales, pts=pts), pts
+
+
+def _e4m3_from_normal_f32(x: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn tensor of fp32 values that are E4M3 normals (>= 2^-6, <= 448): the bits, rebiased (exponent bias
+    127 -> 7) and shifted, without torch's slow scalar fp8 cast."""
+    bits = (x.view(torch.int32) >> _E4M3_DROPPED_BITS) - ((E8M0_BIAS - 7) << 3)
+    return bits.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def fake_quantize_reference(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    per_tensor_scale=None,
+    mxfp4_scale_mode: str = DEFAULT_MXFP4_SCALE_MODE,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """`fake_quantize` step by step on whole fp32 tensors, in torchao's order of operations (used for fp64 inputs;
+    slower, several full-size temporaries)."""
     validate_for_fp4(x, fmt, name)
     if fmt == "nvfp4":
         scaled, block_scale_fp8, pts = _nvfp4_scale_and_scaled(x, per_tensor_scale, name)
@@ -398,6 +620,132 @@ def fake_quantize(
         scaled, biased = _mxfp4_scale_and_scaled(x, mxfp4_scale_mode)
         out = _mxfp4_dequantize_values(_e2m1_round_f32(scaled), biased, x.dtype)
     return out.reshape(x.shape)
+
+
+# Rows are processed in chunks of about this many elements, so that the fp32 working set (three buffers of 4 bytes per
+# element) stays in the CPU's L2 cache across the ~12 in-place passes of `_fake_quantize_chunked`.
+FAKE_QUANTIZE_CHUNK_ELEMENTS = 1 << 18
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _nvfp4_chunk_scales(block_amax: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """NVFP4 (multiplier into the E2M1 range, dequantization scale, fp32 E4M3 block scale) per block, as
+    `_nvfp4_scale_and_scaled`."""
+    block_scale = _round_to_e4m3_normal_f32(((block_amax / E2M1_MAX) / pts).clamp(min=E4M3_MIN_NORMAL, max=E4M3_MAX))
+    return (1.0 / pts) / block_scale, pts * block_scale, block_scale
+
+
+_E4M3_DROPPED_BITS = _F32_MANTISSA_BITS - 3  # E4M3 keeps 3 of fp32's 23 mantissa bits
+
+
+def _round_to_e4m3_normal_f32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 `x.to(float8_e4m3fn).to(float32)` for fp32 `x` in E4M3's normal range [2^-6, 448]: round the mantissa to
+    3 bits, ties to even, on the bit pattern (vectorised integer ops; torch's fp8 cast is a slow scalar loop on CPU)."""
+    bits = x.view(torch.int32)
+    half_minus_one = (1 << (_E4M3_DROPPED_BITS - 1)) - 1
+    rounded = (bits + half_minus_one + ((bits >> _E4M3_DROPPED_BITS) & 1)) & ~((1 << _E4M3_DROPPED_BITS) - 1)
+    return rounded.view(torch.float32)
+
+
+def _mxfp4_chunk_scales(block_amax: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, ...]:
+    """MXFP4 (multiplier into the E2M1 range, dequantization scale, biased E8M0 exponent) per block, as
+    `_mxfp4_scale_and_scaled`.
+
+    The multiplier is exact: torchao divides by a power of two 2^k (k >= -126), the same as multiplying by 2^-k.
+    """
+    if scale_mode == "rceil":
+        exponent = torch.ceil(torch.log2(block_amax / E2M1_MAX)).clamp(min=-E8M0_BIAS, max=E8M0_BIAS)
+        biased = (exponent + E8M0_BIAS).to(torch.uint8)
+        multiplier = torch.where(biased == 0, 1.0, torch.exp2(E8M0_BIAS - biased.to(torch.float32)))
+    else:
+        bits = block_amax.view(torch.int32)
+        if scale_mode == "even":
+            bits = (bits + (1 << (_F32_MANTISSA_BITS - 2))) & ~((1 << _F32_MANTISSA_BITS) - 1)
+        unbiased = ((bits >> _F32_MANTISSA_BITS) & 0xFF) - E8M0_BIAS - E2M1_EMAX
+        biased = (unbiased.clamp(min=-E8M0_BIAS, max=E8M0_BIAS + 1) + E8M0_BIAS).to(torch.uint8)
+        multiplier = 1.0 / _pow2_from_biased(biased).clamp(min=_F32_MIN_NORMAL)
+    scale = torch.exp2(biased.to(torch.float32) - E8M0_BIAS)
+    return multiplier, torch.where(biased == E8M0_NAN, float("nan"), scale), biased
+
+
+def _rounded_chunks(x: torch.Tensor, block: int, scales):
+    """Yield `(start, magnitudes, signs, scale, stored_scale)` for each chunk of rows of `x` (reused buffers, valid until
+    the next chunk): the fp32 magnitudes already scaled into the E2M1 range and rounded, their sign bits (int32), the
+    dequantization scale and the stored block scale of each block.
+
+    Per chunk: fp32 copy, sign bits set aside, magnitudes, block amax, `scales(block_amax)` -> (multiplier, scale,
+    stored), multiply into the E2M1 range, round (`_round_e2m1_magnitude_`). Every fp32 operation is torchao's, on the
+    same operands, in the same order, on |x| instead of x, which rounds symmetrically.
+    """
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    chunk_rows = max(1, FAKE_QUANTIZE_CHUNK_ELEMENTS // n)
+    buffer_rows = min(chunk_rows, rows.shape[0])
+    work = torch.empty(buffer_rows, n, dtype=torch.float32, device=x.device)
+    scratch = torch.empty_like(work)
+    signs = torch.empty(buffer_rows, n, dtype=torch.int32, device=x.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        source = rows[start : start + chunk_rows]
+        k = source.shape[0]
+        a, m, sign = work[:k], scratch[:k], signs[:k]
+        a.copy_(source)
+        bits = a.view(torch.int32)
+        torch.bitwise_and(bits, _F32_SIGN_BIT, out=sign)
+        bits.bitwise_and_(~_F32_SIGN_BIT)  # |x|
+        # The largest magnitude of each block, as the largest bit pattern (the same order for non-negative floats;
+        # an int32 max is several times faster than a float max on CPU).
+        block_amax = bits.view(k, n // block, block).amax(dim=-1).view(torch.float32)
+        multiplier, scale, stored = scales(block_amax)
+        a.view(k, n // block, block).mul_(multiplier.unsqueeze(-1))
+        _round_e2m1_magnitude_(a, m)
+        yield start, a, sign, scale, stored
+
+
+def _fake_quantize_chunked(x: torch.Tensor, block: int, scales) -> torch.Tensor:
+    """Quantize-dequantize `x` chunk by chunk (`_rounded_chunks`): multiply the rounded magnitudes by the scale,
+    restore the signs (the products are exact up to the same fp32 rounding either way) and cast into the output."""
+    n = x.shape[-1]
+    out = torch.empty_like(x).reshape(-1, n)
+    for start, a, sign, scale, _ in _rounded_chunks(x, block, scales):
+        k = a.shape[0]
+        a.view(k, n // block, block).mul_(scale.unsqueeze(-1))
+        a.view(torch.int32).bitwise_or_(sign)
+        out[start : start + k].copy_(a)
+    return out.reshape(x.shape)
+
+
+_E2M1_ONE_INDEX_SHIFT = _F32_MANTISSA_BITS - 1  # bits >> 22 of an E2M1 value >= 1 is its index + 252
+_E2M1_ONE_INDEX_OFFSET = 252  # 1.0 (biased exponent 127, mantissa bit 0: bits >> 22 = 254) is index 2
+
+
+def _quantize_chunked(x: torch.Tensor, block: int, scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed E2M1 codes (uint8 [..., n / 2]) and stored block scales ([..., n / block]) of `x`, chunk by chunk.
+
+    The index of a rounded magnitude r is read from its fp32 bits: `(bits >> 22) - 252` for r >= 1 (exponent and the
+    one mantissa bit), and `min(2 r, 1)` for r in {0, 0.5}; the larger of the two is the index in both cases.
+    """
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    packed = torch.empty(rows.shape[0], n // 2, dtype=torch.uint8, device=x.device)
+    stored_chunks = []
+    index = small = None
+    for start, a, sign, _, stored in _rounded_chunks(x, block, scales):
+        k = a.shape[0]
+        if index is None:
+            index = torch.empty(a.shape, dtype=torch.int32, device=x.device)
+            small = torch.empty(a.shape, dtype=torch.int32, device=x.device)
+        idx, low = index[:k], small[:k]
+        torch.bitwise_right_shift(a.view(torch.int32), _E2M1_ONE_INDEX_SHIFT, out=idx)
+        idx.sub_(_E2M1_ONE_INDEX_OFFSET)
+        low.copy_(a.mul_(2.0).clamp_(max=1.0))  # a is no longer needed: 0 -> 0, 0.5 -> 1, anything >= 1 -> 1
+        torch.maximum(idx, low, out=idx)
+        idx.bitwise_or_(sign.bitwise_right_shift_(28).bitwise_and_(8))  # the sign bit -> bit 3 of the code
+        codes = idx.view(k, n // 2, 2)
+        torch.bitwise_or(codes[..., 0], codes[..., 1] << 4, out=low.view(-1)[: k * n // 2].view(k, n // 2))
+        packed[start : start + k].copy_(low.view(-1)[: k * n // 2].view(k, n // 2))
+        stored_chunks.append(stored)
+    scales_out = torch.cat(stored_chunks).reshape(*x.shape[:-1], n // block)
+    return packed.reshape(*x.shape[:-1], n // 2), scales_out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -889,16 +889,20 @@ def plot_curves(results_dir: str, output: str, window: int = 10) -> list[str]:
 
 
 def grid_command_of(scale: str, model: str, rows: dict[str, list[dict]]) -> str:
-    """The `make` line that produces (and resumes) these results, read from them: the rows present (all: no ROWS=)
-    and the largest number of seeds of a training row."""
-    parts = ["make reproduce-table1", f"SCALE={scale}"]
-    if scale != "cpu":
-        parts.append(f"MODEL={model}")
-    seeds = max((len(runs) for row, runs in rows.items() if ALL_ROWS[row].trained), default=1)
-    parts.append(f"SEEDS={seeds}")
-    if set(rows) != set(ROWS):
-        parts.append(f"ROWS={','.join(row for row in ALL_ROWS if row in rows)}")
-    return " ".join(parts)
+    """The `make` line(s) that produce (and resume) these results, read from them: the Table 1 rows present (all: no
+    ROWS=) with their largest seed count, then the extra rows present (`EXTRA_ROWS`) with theirs, one line each."""
+    base = ["make reproduce-table1", f"SCALE={scale}"] + ([] if scale == "cpu" else [f"MODEL={model}"])
+    lines = []
+    for group, default_all in ((ROWS, True), (EXTRA_ROWS, False)):
+        present = [row for row in group if row in rows]
+        if not present:
+            continue
+        seeds = max((len(rows[row]) for row in present if group[row].trained), default=1)
+        parts = [*base, f"SEEDS={seeds}"]
+        if not (default_all and set(present) == set(group)):
+            parts.append(f"ROWS={','.join(present)}")
+        lines.append(" ".join(parts))
+    return "\n".join(lines)
 
 
 # The paper's claims that the README's results section tests on the grid: (A, B, the claim about B - A). The paper's
@@ -954,7 +958,8 @@ def readme_section(results_dir: str, scale: str) -> str:
         n = {run["metrics"]["test_after"]["n"] for run in runs_all}
         k = {run["metrics"]["test_after"]["k"] for run in runs_all}
         lines += [
-            f"`{grid_command_of(scale, model, rows)}` ({model}): {len(runs_all)} runs, {hours:.1f} h of wall time on "
+            " and ".join(f"`{command}`" for command in grid_command_of(scale, model, rows).splitlines())
+            + f" ({model}): {len(runs_all)} runs, {hours:.1f} h of wall time on "
             f"this 2-core CPU; {'/'.join(map(str, seed_counts))} seed(s) per training row. Test pass@1 on n = "
             f"{'/'.join(map(str, sorted(n)))} fixed questions x k = {'/'.join(map(str, sorted(k)))} samples at T 1.0; "
             "mean over seeds with the 95 % Student-t interval across seeds (one run: its own interval over "

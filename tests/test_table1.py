@@ -104,7 +104,11 @@ class TestRINRows:
         text = table1.render_report(str(tmp_path), "cpu")
         assert "| NVFP4 | LoRA + RIN targeted (seeds' SRDD-guided AQN) | 1 |" in text
         assert "| NVFP4 LoRA + AQN (QeRL) | NVFP4 LoRA + RIN targeted (seeds' SRDD-guided AQN) | +0.0" in text
-        assert "ROWS=nvfp4_aqn,nvfp4_rin_targeted" in text
+        # one command for the Table 1 rows and one for the extra rows, each with its own seed count
+        assert (
+            "make reproduce-table1 SCALE=cpu SEEDS=1 ROWS=nvfp4_aqn\nmake reproduce-table1 SCALE=cpu SEEDS=1 ROWS=nvfp4_rin_targeted\n"
+            in text
+        )
         assert "RIN variable" not in text
 
 

@@ -143,6 +143,19 @@ def _math_verify_timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+def _verified_reward(gold_parsed, answer_parsed, timeout) -> float | None:
+    """math-verify's score of a parsed answer: ANSWER_REWARD if it equals the gold, 0 for no or a wrong answer, None when
+    verify fails (as open-r1: a verify failure means "no reward", not a crash)."""
+    from math_verify import verify
+
+    if not answer_parsed:
+        return 0.0
+    try:
+        return ANSWER_REWARD if verify(gold_parsed, answer_parsed, timeout_seconds=timeout) else 0.0
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def math_verify_reward(completions: list, solution: list[str], **kwargs) -> list[float | None]:
     """2.0 if math-verify judges the `<answer>` text equal to the gold answer, 0.0 if not, `None` if the gold does not
     parse.
@@ -162,7 +175,7 @@ def math_verify_reward(completions: list, solution: list[str], **kwargs) -> list
     >>> math_verify_reward(["<think> half of 1 </think> <answer> 0.5 </answer>"], solution=["1/2"])
     [2.0]
     """
-    from math_verify import parse, verify
+    from math_verify import parse
 
     timeout = _math_verify_timeout()
     texts = _completion_texts(completions, kwargs.get("prefill"))
@@ -174,13 +187,7 @@ def math_verify_reward(completions: list, solution: list[str], **kwargs) -> list
             continue
         answer = extract_answer(text)
         answer_parsed = parse(answer, parsing_timeout=timeout) if answer else []
-        if not answer_parsed:
-            rewards.append(0.0)
-            continue
-        try:
-            rewards.append(ANSWER_REWARD if verify(gold_parsed, answer_parsed, timeout_seconds=timeout) else 0.0)
-        except Exception:  # noqa: BLE001 - as open-r1: a verify failure means "no reward", not a crash
-            rewards.append(None)
+        rewards.append(_verified_reward(gold_parsed, answer_parsed, timeout))
     return rewards
 
 
@@ -215,7 +222,7 @@ def math_verify_latex_reward(completions: list, solution: list[str], **kwargs) -
     >>> math_verify_latex_reward(["<answer> \\sqrt{12} </answer>", "<answer> 2 </answer>"], ["2\\sqrt{3}"] * 2)
     [2.0, 0.0]
     """
-    from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify import LatexExtractionConfig, parse
 
     timeout = _math_verify_timeout()
     texts = _completion_texts(completions, kwargs.get("prefill"))
@@ -230,13 +237,7 @@ def math_verify_latex_reward(completions: list, solution: list[str], **kwargs) -
             answer_parsed = parse(_as_latex(answer), parsing_timeout=timeout) if answer else []
         else:
             answer_parsed = parse(text, extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
-        if not answer_parsed:
-            rewards.append(0.0)
-            continue
-        try:
-            rewards.append(ANSWER_REWARD if verify(gold_parsed, answer_parsed, timeout_seconds=timeout) else 0.0)
-        except Exception:  # noqa: BLE001 - as open-r1: a verify failure means "no reward", not a crash
-            rewards.append(None)
+        rewards.append(_verified_reward(gold_parsed, answer_parsed, timeout))
     return rewards
 
 

@@ -7,6 +7,7 @@
   accuracy with a percentile interval and a two-sided p-value, resampling questions (shared by both arms, which is
   what pairs them) and each arm's seeds.
 - `welch_t_test`: two arms' per-seed numbers (accuracy on the fixed test set, reward AUC): Welch's t.
+- `holm_adjust`: several claims tested at once: Holm's step-down adjusted p-values (family-wise error control).
 - `reward_auc`: the area under a reward curve per step (the paper's "faster reward growth", one number per seed).
 - `describe_difference`: the result in words, including "not distinguishable at this sample size".
 """
@@ -194,6 +195,21 @@ def welch_t_test(values_a: Sequence[float], values_b: Sequence[float], confidenc
     half = t_quantile(0.5 + confidence / 2, df) * se
     p_value = 2 * (1 - t_cdf(abs(difference) / se, df))
     return {"difference": difference, "ci": [difference - half, difference + half], "p_value": p_value, "df": df}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order: with m tests sorted p_(1) <= ... <= p_(m), the i-th gets
+    max over j <= i of min(1, (m - j + 1) p_(j)). Calling a claim significant when its adjusted p < alpha keeps the
+    chance of any false claim among the m at most alpha, whatever their dependence (Holm 1979)."""
+    if any(not 0 <= p <= 1 for p in p_values):  # also catches NaN
+        raise ValueError(f"holm_adjust needs p-values in [0, 1], got {list(p_values)}")
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def reward_auc(steps: Sequence[float], rewards: Sequence[float]) -> float:

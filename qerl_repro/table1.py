@@ -93,18 +93,47 @@ EXTRA_ROWS: dict[str, Row] = {
     )
 }
 ALL_ROWS: dict[str, Row] = {**ROWS, **EXTRA_ROWS}
-# The paired comparisons of the report: (reference A, arm B); B - A is reported.
-COMPARISONS = [("bf16_lora", key) for key in ROWS if ROWS[key].trained and key != "bf16_lora"] + [
-    ("nvfp4_lora", "nvfp4_aqn"),
-    ("nvfp4_aqn", "nvfp4_rin_targeted"),
-    ("nvfp4_aqn", "nvfp4_rin_variable"),
-    ("nvfp4_aqn", "nvfp4_aqn_act"),
-    ("nvfp4_aqn", "nvfp4_aqn_linear"),
-    ("nvfp4_aqn", "nvfp4_aqn_cosine"),
-    ("bf16_hw_error", "bf16_hw_error_aqn"),
-    ("nvfp4_lora", "nvfp4_w4a4"),
-    ("nvfp4_aqn", "nvfp4_aqn_dapo"),
+# The seed studies' claims about their extensions (../shared/reference/seed_studies.md: Qwen2.5-1.5B-Instruct, GSM8K
+# validation accuracy, one run per arm), and the paper's schedule ablation, as (A, B, the claim, what they found).
+EXTENSION_CLAIMS = [
+    (
+        "bf16_lora",
+        "bf16_hw_error",
+        "5 % hardware error on every Linear output, training and rollouts",
+        "seed studies: 76.4 -> 68.9 %, BF16 full FT",
+    ),
+    ("bf16_hw_error", "bf16_hw_error_aqn", "AQN under hardware error", "seed studies: 68.9 -> 70.6 %, BF16 full FT"),
+    (
+        "nvfp4_aqn",
+        "nvfp4_rin_variable",
+        "RIN variable vs global AQN",
+        "seed studies: 70.6 -> 71.2 % under BF16 hardware error",
+    ),
+    ("nvfp4_aqn", "nvfp4_rin_targeted", "RIN targeted vs global AQN", "seed studies: speed only, no accuracy claim"),
+    (
+        "nvfp4_aqn",
+        "nvfp4_aqn_act",
+        "additive noise on activations (the seeds' AQN) vs QeRL's weight noise",
+        "never compared: the seed studies ran only the activation form",
+    ),
+    (
+        "nvfp4_aqn",
+        "nvfp4_aqn_linear",
+        "linear vs exponential sigma decay",
+        "paper Fig. 9: exponential the most stable late in training, no numbers",
+    ),
+    (
+        "nvfp4_aqn",
+        "nvfp4_aqn_cosine",
+        "cosine vs exponential sigma decay",
+        "paper Fig. 9: exponential the most stable late in training, no numbers",
+    ),
+    ("nvfp4_lora", "nvfp4_w4a4", "W4A4 vs W4A16, NVFP4 LoRA", "seed studies: 68.2 -> 60.9 %"),
+    ("nvfp4_aqn", "nvfp4_aqn_dapo", "DAPO loss vs QeRL's bnpo, NVFP4 + AQN", "not compared in the seed studies"),
 ]
+# The paired comparisons of the report: (reference A, arm B); B - A is reported.
+COMPARISONS = [("bf16_lora", key) for key in ROWS if ROWS[key].trained and key != "bf16_lora"]
+COMPARISONS += [("nvfp4_lora", "nvfp4_aqn")] + [(a, b) for a, b, _, _ in EXTENSION_CLAIMS]
 
 
 def row_spec(row: str) -> Row:
@@ -498,7 +527,7 @@ def row_summary(runs: list[dict]) -> dict:
 
 def compare(runs_a: list[dict], runs_b: list[dict], *, num_resamples: int = 5000) -> dict:
     """B - A on the same questions: paired bootstrap over questions and seeds; Welch's t across seeds when both have
-    >= 2 seeds, else exact McNemar on the first sample of each question (one seed each); reward AUC by Welch's t."""
+    >= 2 seeds, and a paired t on the seeds both ran when there are >= 2 of them; with one seed each, exact McNemar on the first sample of each question (one seed each); reward AUC by Welch's t."""
     from qerl_repro.stats import mcnemar_exact, paired_bootstrap, welch_t_test
 
     index_a, scores_a = _scores(runs_a)
@@ -529,11 +558,12 @@ def compare(runs_a: list[dict], runs_b: list[dict], *, num_resamples: int = 5000
 
 
 def _paired_by_seed(runs_a: list[dict], runs_b: list[dict]) -> tuple[list[dict], list[dict]] | None:
-    """The two arms' runs matched by seed, when both ran the same >= 2 seeds (else None)."""
+    """The two arms' runs matched on the seeds both ran, when there are >= 2 of them (else None); an arm's extra seeds
+    (a grid stopped part-way) are left out of the pairing."""
     seeds_a = {run["seed"]: run for run in runs_a}
     seeds_b = {run["seed"]: run for run in runs_b}
     common = sorted(seed for seed in seeds_a.keys() & seeds_b.keys() if seed is not None)
-    if len(common) < 2 or len(common) != len(runs_a) or len(common) != len(runs_b):
+    if len(common) < 2:
         return None
     return [seeds_a[seed] for seed in common], [seeds_b[seed] for seed in common]
 
@@ -712,8 +742,8 @@ def render_report(results_dir: str, scale: str, figure: str | None = None) -> st
         lines += ["", "### Paired comparisons (B minus A, same test questions)", ""]
         lines += [
             "Accuracy: paired bootstrap over questions and seeds (`qerl_repro.stats.paired_bootstrap`; conservative: "
-            "its interval is wider than nominal); across seeds, a paired t-test on the per-seed differences when both "
-            "arms ran the same >= 2 seeds (runs of one seed share the prompt order and the LoRA initialisation, so "
+            "its interval is wider than nominal); across seeds, a paired t-test on the per-seed differences over the "
+            ">= 2 seeds both arms ran (runs of one seed share the prompt order and the LoRA initialisation, so "
             "pairing by seed removes what the seed does to both arms), else Welch's t when both have >= 2 seeds, else "
             "exact McNemar on each question's first sample (one seed each). Reward AUC (the paper's 'faster reward "
             "growth'): the same seed-level tests (one seed each: the difference only, no test). Words: p < 0.05 "
@@ -936,15 +966,71 @@ def _paper_difference(a: str, b: str) -> str:
 
 def _seed_level(c: dict, key: str = "") -> tuple[str, dict | None]:
     """The across-seeds test of a `compare` result: paired by seed, else Welch, else none (one seed)."""
-    for name, label in ((f"{key}paired_seeds", "paired t over seeds"), (f"{key}welch", "Welch's t over seeds")):
-        if name in c:
-            return label, c[name]
+    if f"{key}paired_seeds" in c:
+        return f"paired t over {c[f'{key}paired_seeds']['n']} seeds", c[f"{key}paired_seeds"]
+    if f"{key}welch" in c:
+        return "Welch's t over seeds", c[f"{key}welch"]
     return "", None
+
+
+def _readme_table(rows: dict, names: list[str], model: str, folder: str) -> list[str]:
+    """The README's table of `names`: seeds, test pass@1 with its interval, the training gain, the JSONs."""
+    lines = [
+        "| row | seeds | test pass@1 % [95 % CI] | after - before training, points | from |",
+        "|---|---|---|---|---|",
+    ]
+    for row in names:
+        s = row_summary(rows[row])
+        ours = _pct(s["mean"]) + f" [{_pct(s['ci'][0])}, {_pct(s['ci'][1])}]"
+        trained = ALL_ROWS[row].trained
+        gain = f"{100 * training_gain(rows[row])['difference']:+.1f}" if trained else "–"
+        source = f"{model}/{row}-seed*.json" if trained else f"{model}/{row}.json"
+        seeds = len(rows[row]) if trained else "–"
+        lines.append(f"| {_label(row)} | {seeds} | {ours} | {gain} | `{folder}/{source}` |")
+    return lines
+
+
+def _readme_claims(rows: dict, claims: list[tuple[str, str, str, str]]) -> list[str]:
+    """One line per claim (A, B, what it says, what the paper or the seed studies found) whose two arms have run: B - A
+    with the across-seeds test, its Holm-adjusted p over the claims of this list that have one, and reward AUC."""
+    from qerl_repro.stats import holm_adjust
+
+    present = [(a, b, claim, prior) for a, b, claim, prior in claims if a in rows and b in rows]
+    tests = {(a, b): _seed_level(compare(rows[a], rows[b])) for a, b, _, _ in present}
+    tested = [pair for pair, (_, test) in tests.items() if test is not None]
+    holm = dict(zip(tested, holm_adjust([tests[pair][1]["p_value"] for pair in tested])))
+    lines = []
+    for a, b, claim, prior in present:
+        c = compare(rows[a], rows[b])
+        test_name, test = tests[(a, b)]
+        if test is None:
+            seeds = f"{c['bootstrap']['num_seeds'][0]} and {c['bootstrap']['num_seeds'][1]} seeds"
+            verdict = f"{100 * c['bootstrap']['difference']:+.1f} points, {seeds}: not yet a test across seeds"
+        else:
+            verdict = (
+                f"{100 * test['difference']:+.1f} points [{100 * test['ci'][0]:+.1f}, {100 * test['ci'][1]:+.1f}], "
+                f"{test_name}, p = {test['p_value']:.2g} (Holm {holm[(a, b)]:.2g}): "
+                + (
+                    "not distinguishable at this sample size"
+                    if test["p_value"] >= 0.05
+                    else f"{_label(b)} {'higher' if test['difference'] > 0 else 'lower'}"
+                )
+            )
+            auc_name, auc = _seed_level(c, key="auc_")
+            if auc is not None:
+                verdict += f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g}" + (
+                    " (not distinguishable)"
+                    if auc["p_value"] >= 0.05
+                    else f" ({_label(b)} {'higher' if auc['difference'] > 0 else 'lower'})"
+                )
+        lines.append(f"- {claim} ({prior}): {verdict}.")
+    return lines
 
 
 def readme_section(results_dir: str, scale: str) -> str:
     """The README's results block for `scale`, from the grid's JSONs only: per row the seeds, test pass@1 with its
-    interval and the JSONs it comes from, then the paper's claims tested across seeds, in words."""
+    interval and the JSONs it comes from, then the paper's claims tested across seeds, in words; then the same for the
+    extension rows that have run, with the seed studies' claims."""
     grouped = load_results(results_dir)
     folder = os.path.join("results", os.path.basename(os.path.normpath(results_dir)))
     lines = [README_BEGIN.format(scale=scale)]
@@ -960,60 +1046,31 @@ def readme_section(results_dir: str, scale: str) -> str:
         lines += [
             " and ".join(f"`{command}`" for command in grid_command_of(scale, model, rows).splitlines())
             + f" ({model}): {len(runs_all)} runs, {hours:.1f} h of wall time on "
-            f"this 2-core CPU; {'/'.join(map(str, seed_counts))} seed(s) per training row. Test pass@1 on n = "
+            f"this 2-core CPU; {'/'.join(map(str, seed_counts))} seed(s) per Table 1 training row. Test pass@1 on n = "
             f"{'/'.join(map(str, sorted(n)))} fixed questions x k = {'/'.join(map(str, sorted(k)))} samples at T 1.0; "
             "mean over seeds with the 95 % Student-t interval across seeds (one run: its own interval over "
             f"questions). Full table, runs and curves: `{folder}.md`.",
             "",
-            "| row | seeds | test pass@1 % [95 % CI] | after - before training, points | from |",
-            "|---|---|---|---|---|",
         ]
-        for row in ROWS:
-            if row not in rows:
-                continue
-            s = row_summary(rows[row])
-            ours = _pct(s["mean"]) + f" [{_pct(s['ci'][0])}, {_pct(s['ci'][1])}]"
-            gain = "–"
-            if ROWS[row].trained:
-                g = training_gain(rows[row])
-                gain = f"{100 * g['difference']:+.1f}"
-            source = f"{model}/{row}-seed*.json" if ROWS[row].trained else f"{model}/{row}.json"
-            seeds = len(rows[row]) if ROWS[row].trained else "–"
-            lines.append(f"| {_label(row)} | {seeds} | {ours} | {gain} | `{folder}/{source}` |")
+        lines += _readme_table(rows, [row for row in ROWS if row in rows], model, folder)
         lines += [
             "",
             "The paper's claims, B - A on the same questions, tested across seeds (a new seed is a new training run; "
-            "p < 0.05 two-sided):",
+            "p < 0.05 two-sided; `Holm` is the p-value adjusted over the claims of the list, which keeps the chance of "
+            "any false 'higher' or 'lower' among them below 5 %):",
             "",
         ]
-        for a, b, claim in README_CLAIMS:
-            if a not in rows or b not in rows:
-                continue
-            c = compare(rows[a], rows[b])
-            test_name, test = _seed_level(c)
-            if test is None:
-                verdict = (
-                    f"{100 * c['bootstrap']['difference']:+.1f} points, one seed per arm: two runs, not yet a test of "
-                    "the arms"
-                )
-            else:
-                verdict = (
-                    f"{100 * test['difference']:+.1f} points [{100 * test['ci'][0]:+.1f}, {100 * test['ci'][1]:+.1f}], "
-                    f"{test_name}, p = {test['p_value']:.2g}: "
-                    + (
-                        "not distinguishable at this sample size"
-                        if test["p_value"] >= 0.05
-                        else f"{_label(b)} {'higher' if test['difference'] > 0 else 'lower'}"
-                    )
-                )
-                auc_name, auc = _seed_level(c, key="auc_")
-                if auc is not None:
-                    verdict += f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g}" + (
-                        " (not distinguishable)"
-                        if auc["p_value"] >= 0.05
-                        else f" ({_label(b)} {'higher' if auc['difference'] > 0 else 'lower'})"
-                    )
-            lines.append(f"- {claim} ({_paper_difference(a, b)}): {verdict}.")
+        lines += _readme_claims(rows, [(a, b, claim, _paper_difference(a, b)) for a, b, claim in README_CLAIMS])
+        extension_rows = [row for row in EXTRA_ROWS if row in rows]
+        if extension_rows:
+            lines += [
+                "",
+                "The seed studies' extensions (`table1.EXTRA_ROWS`, run when named in `ROWS=`), same statistics:",
+                "",
+            ]
+            lines += _readme_table(rows, extension_rows, model, folder)
+            lines += ["", "Their claims, B - A, tested the same way (Holm over this list):", ""]
+            lines += _readme_claims(rows, EXTENSION_CLAIMS)
     lines.append(README_END.format(scale=scale))
     return "\n".join(lines) + "\n"
 

@@ -10,6 +10,7 @@ import pytest
 from qerl_repro.stats import (
     betainc,
     describe_difference,
+    holm_adjust,
     mcnemar_exact,
     paired_bootstrap,
     reward_auc,
@@ -117,6 +118,37 @@ def test_reward_auc():
     early = reward_auc([0, 1, 2, 3], [0.0, 1.0, 1.0, 1.0])
     late = reward_auc([0, 1, 2, 3], [0.0, 0.0, 0.0, 1.0])
     assert early > late
+
+
+@pytest.mark.parametrize(
+    "p_values, adjusted",
+    [
+        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),  # 4 x 0.005, 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04)
+        ([0.5, 0.6], [1.0, 1.0]),  # 2 x 0.5 = 1, then capped and carried up
+        ([0.02, 0.02], [0.04, 0.04]),  # ties: the step-down maximum carries
+        ([0.03], [0.03]),  # one test: nothing to adjust
+        ([], []),
+    ],
+)
+def test_holm_adjust_by_hand(p_values, adjusted):
+    assert holm_adjust(p_values) == pytest.approx(adjusted)
+
+
+def test_holm_adjust_controls_the_family_wise_error_and_keeps_power():
+    rng = random.Random(0)
+    m, trials = 7, 4000
+    raw_any, holm_any = 0, 0
+    for _ in range(trials):  # 7 true nulls: uniform p-values
+        p = [rng.random() for _ in range(m)]
+        raw_any += min(p) < 0.05
+        holm_any += min(holm_adjust(p)) < 0.05
+    assert raw_any / trials > 0.25  # 1 - 0.95**7 = 0.30: why the adjustment is needed
+    assert holm_any / trials < 0.06  # at most alpha (plus Monte Carlo error)
+    p = [1e-4, 0.2, 0.5, 0.7]  # one strong effect survives, the others stay above their raw p
+    adjusted = holm_adjust(p)
+    assert adjusted[0] < 0.05 and all(a >= raw for a, raw in zip(adjusted, p))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        holm_adjust([0.1, float("nan")])
 
 
 def test_describe_difference():

@@ -161,10 +161,12 @@ class TestComparisons:
         assert paired["p_value"] == pytest.approx(0.0742, abs=1e-3)
         assert welch["p_value"] > 0.8  # the seed spread (15 points) swamps the 2-point difference
         assert c["auc_paired_seeds"]["difference"] == pytest.approx(0.1)
-        # different seeds, or one arm missing a seed: no pairing
+        # no seed in common: no pairing; one arm missing a seed: paired on the seeds both ran
         shifted = [dict(run, seed=run["seed"] + 10) for run in b]
         assert "paired_seeds" not in table1.compare(a, shifted)
-        assert "paired_seeds" not in table1.compare(a, b[:2])
+        common = table1.compare(a, b[:2])["paired_seeds"]
+        assert common["n"] == 2 and common["difference"] == pytest.approx(0.025)  # bumps 2 and 3 points
+        assert "paired_seeds" not in table1.compare(a, b[:1])
 
     def test_different_questions_are_refused(self):
         a = _run("bf16_lora", 42, [0.0, 1.0])

@@ -527,7 +527,8 @@ def row_summary(runs: list[dict]) -> dict:
 
 def compare(runs_a: list[dict], runs_b: list[dict], *, num_resamples: int = 5000) -> dict:
     """B - A on the same questions: paired bootstrap over questions and seeds; Welch's t across seeds when both have
-    >= 2 seeds, and a paired t on the seeds both ran when there are >= 2 of them; with one seed each, exact McNemar on the first sample of each question (one seed each); reward AUC by Welch's t."""
+    >= 2 seeds, and a paired t on the seeds both ran when there are >= 2 of them; with one seed each, exact McNemar on
+    the first sample of each question. Reward AUC: the same seed-level tests."""
     from qerl_repro.stats import mcnemar_exact, paired_bootstrap, welch_t_test
 
     index_a, scores_a = _scores(runs_a)
@@ -996,12 +997,13 @@ def _readme_claims(rows: dict, claims: list[tuple[str, str, str, str]]) -> list[
     from qerl_repro.stats import holm_adjust
 
     present = [(a, b, claim, prior) for a, b, claim, prior in claims if a in rows and b in rows]
-    tests = {(a, b): _seed_level(compare(rows[a], rows[b])) for a, b, _, _ in present}
+    compared = {(a, b): compare(rows[a], rows[b]) for a, b, _, _ in present}
+    tests = {pair: _seed_level(c) for pair, c in compared.items()}
     tested = [pair for pair, (_, test) in tests.items() if test is not None]
     holm = dict(zip(tested, holm_adjust([tests[pair][1]["p_value"] for pair in tested])))
     lines = []
     for a, b, claim, prior in present:
-        c = compare(rows[a], rows[b])
+        c = compared[(a, b)]
         test_name, test = tests[(a, b)]
         if test is None:
             seeds = f"{c['bootstrap']['num_seeds'][0]} and {c['bootstrap']['num_seeds'][1]} seeds"
@@ -1016,7 +1018,7 @@ def _readme_claims(rows: dict, claims: list[tuple[str, str, str, str]]) -> list[
                     else f"{_label(b)} {'higher' if test['difference'] > 0 else 'lower'}"
                 )
             )
-            auc_name, auc = _seed_level(c, key="auc_")
+            _, auc = _seed_level(c, key="auc_")
             if auc is not None:
                 verdict += f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g}" + (
                     " (not distinguishable)"

@@ -993,14 +993,18 @@ def _readme_table(rows: dict, names: list[str], model: str, folder: str) -> list
 
 def _readme_claims(rows: dict, claims: list[tuple[str, str, str, str]]) -> list[str]:
     """One line per claim (A, B, what it says, what the paper or the seed studies found) whose two arms have run: B - A
-    with the across-seeds test, its Holm-adjusted p over the claims of this list that have one, and reward AUC."""
+    with the across-seeds test, its Holm-adjusted p over the claims of this list that have one, and the same for reward
+    AUC (Holm over the AUC tests of the list)."""
     from qerl_repro.stats import holm_adjust
 
     present = [(a, b, claim, prior) for a, b, claim, prior in claims if a in rows and b in rows]
     compared = {(a, b): compare(rows[a], rows[b]) for a, b, _, _ in present}
     tests = {pair: _seed_level(c) for pair, c in compared.items()}
+    auc_tests = {pair: _seed_level(c, key="auc_")[1] for pair, c in compared.items()}
     tested = [pair for pair, (_, test) in tests.items() if test is not None]
     holm = dict(zip(tested, holm_adjust([tests[pair][1]["p_value"] for pair in tested])))
+    auc_tested = [pair for pair, test in auc_tests.items() if test is not None]
+    auc_holm = dict(zip(auc_tested, holm_adjust([auc_tests[pair]["p_value"] for pair in auc_tested])))
     lines = []
     for a, b, claim, prior in present:
         c = compared[(a, b)]
@@ -1018,9 +1022,11 @@ def _readme_claims(rows: dict, claims: list[tuple[str, str, str, str]]) -> list[
                     else f"{_label(b)} {'higher' if test['difference'] > 0 else 'lower'}"
                 )
             )
-            _, auc = _seed_level(c, key="auc_")
+            auc = auc_tests[(a, b)]
             if auc is not None:
-                verdict += f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g}" + (
+                verdict += (
+                    f"; reward AUC {auc['difference']:+.3f}, p = {auc['p_value']:.2g} (Holm {auc_holm[(a, b)]:.2g})"
+                ) + (
                     " (not distinguishable)"
                     if auc["p_value"] >= 0.05
                     else f" ({_label(b)} {'higher' if auc['difference'] > 0 else 'lower'})"

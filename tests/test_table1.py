@@ -12,6 +12,7 @@ import time
 import pytest
 
 from qerl_repro import table1, testbed
+from qerl_repro.stats import holm_adjust
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +168,40 @@ class TestComparisons:
         common = table1.compare(a, b[:2])["paired_seeds"]
         assert common["n"] == 2 and common["difference"] == pytest.approx(0.025)  # bumps 2 and 3 points
         assert "paired_seeds" not in table1.compare(a, b[:1])
+
+    def test_readme_claims_carry_holm_adjusted_p_values(self):
+        """Two claims tested across the same 3 seeds: each line shows its raw p and the Holm p over the list (the
+        smaller p times 2, the larger carried up), for accuracy and for reward AUC; a claim whose arm has one seed is
+        named as not yet tested and takes no part in the adjustment."""
+        seed_level = [30, 45, 60]
+        base = [_run("nvfp4_lora", 42 + s, [0.0] * (100 - k) + [1.0] * k, auc=0.5) for s, k in enumerate(seed_level)]
+
+        def arm(row, bumps, aucs):
+            return [
+                _run(row, 42 + s, [0.0] * (100 - k - d) + [1.0] * (k + d), auc=u)
+                for s, (k, d, u) in enumerate(zip(seed_level, bumps, aucs))
+            ]
+
+        rows = {
+            "nvfp4_lora": base,
+            "nvfp4_aqn": arm("nvfp4_aqn", [2, 3, 1], [0.6, 0.62, 0.61]),
+            "nvfp4_w4a4": arm("nvfp4_w4a4", [-1, 4, 0], [0.5, 0.45, 0.52])[:1],
+            "bf16_lora": arm("bf16_lora", [5, -2, 0], [0.52, 0.49, 0.5]),
+        }
+        claims = [
+            ("nvfp4_lora", "nvfp4_aqn", "AQN", "prior A"),
+            ("nvfp4_lora", "bf16_lora", "BF16", "prior B"),
+            ("nvfp4_lora", "nvfp4_w4a4", "W4A4", "prior C"),
+        ]
+        lines = table1._readme_claims(rows, claims)
+        assert len(lines) == 3 and lines[2].startswith("- W4A4 (prior C): ")
+        assert "3 and 1 seeds: not yet a test across seeds" in lines[2]
+        p = [table1.compare(base, rows[b])["paired_seeds"]["p_value"] for b in ("nvfp4_aqn", "bf16_lora")]
+        auc_p = [table1.compare(base, rows[b])["auc_paired_seeds"]["p_value"] for b in ("nvfp4_aqn", "bf16_lora")]
+        for line, raw, adjusted, auc_raw, auc_adjusted in zip(lines, p, holm_adjust(p), auc_p, holm_adjust(auc_p)):
+            assert f"p = {raw:.2g} (Holm {adjusted:.2g})" in line
+            assert f"p = {auc_raw:.2g} (Holm {auc_adjusted:.2g})" in line
+        assert min(holm_adjust(p)) == pytest.approx(min(1.0, 2 * min(p)))  # the smaller p is doubled
 
     def test_different_questions_are_refused(self):
         a = _run("bf16_lora", 42, [0.0, 1.0])

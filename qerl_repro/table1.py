@@ -997,18 +997,20 @@ def _readme_claims(rows: dict, claims: list[tuple[str, str, str, str]]) -> list[
     AUC (Holm over the AUC tests of the list)."""
     from qerl_repro.stats import holm_adjust
 
+    def holm_by_pair(tests: dict) -> dict:  # Holm over the pairs that have a test
+        tested = [pair for pair, test in tests.items() if test is not None]
+        return dict(zip(tested, holm_adjust([tests[pair]["p_value"] for pair in tested])))
+
     present = [(a, b, claim, prior) for a, b, claim, prior in claims if a in rows and b in rows]
     compared = {(a, b): compare(rows[a], rows[b]) for a, b, _, _ in present}
-    tests = {pair: _seed_level(c) for pair, c in compared.items()}
+    named_tests = {pair: _seed_level(c) for pair, c in compared.items()}
     auc_tests = {pair: _seed_level(c, key="auc_")[1] for pair, c in compared.items()}
-    tested = [pair for pair, (_, test) in tests.items() if test is not None]
-    holm = dict(zip(tested, holm_adjust([tests[pair][1]["p_value"] for pair in tested])))
-    auc_tested = [pair for pair, test in auc_tests.items() if test is not None]
-    auc_holm = dict(zip(auc_tested, holm_adjust([auc_tests[pair]["p_value"] for pair in auc_tested])))
+    holm = holm_by_pair({pair: test for pair, (_, test) in named_tests.items()})
+    auc_holm = holm_by_pair(auc_tests)
     lines = []
     for a, b, claim, prior in present:
         c = compared[(a, b)]
-        test_name, test = tests[(a, b)]
+        test_name, test = named_tests[(a, b)]
         if test is None:
             seeds = f"{c['bootstrap']['num_seeds'][0]} and {c['bootstrap']['num_seeds'][1]} seeds"
             verdict = f"{100 * c['bootstrap']['difference']:+.1f} points, {seeds}: not yet a test across seeds"
